@@ -1,0 +1,61 @@
+"""``skillgraft finetune``: fine-tune the base on a task and write a standard safetensors checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+from app.cli.common import (
+    ProgressBar,
+    add_base_options,
+    add_data_options,
+    add_head_options,
+    print_json,
+    task_data_from,
+)
+from app.grafting.base import load_base
+from app.grafting.checkpoint import save_checkpoint
+from app.grafting.finetune import FinetuneConfig, finetune
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("finetune", help="fine-tune the base on a task (embeddings frozen)")
+    add_base_options(parser)
+    add_data_options(parser)
+    add_head_options(parser)
+    group = parser.add_argument_group("training")
+    group.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    group.add_argument("--lr", type=float, default=2e-2)
+    group.add_argument("--epochs", type=int, default=10)
+    group.add_argument("--batch-size", type=int, default=8)
+    group.add_argument("--weight-decay", type=float, default=0.0)
+    group.add_argument("--l1", type=float, default=0.0, help="ℓ1 pull towards the base: λ·Σ|θ − θ_pre|")
+    group.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--out", required=True, help="output checkpoint folder")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    base = load_base(args.base_model, args.device)
+    data = task_data_from(args)
+    words = args.label_words.split(",") if args.label_words else None
+    kind = args.classifier_kind or ("bert-pooler" if base.model_type == "bert" else "dense-tanh-out")
+    spec = data.head_spec(args.mode, args.template, words, kind)
+    config = FinetuneConfig(
+        optimizer=args.optimizer,
+        lr=args.lr,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        weight_decay=args.weight_decay,
+        l1=args.l1,
+        seed=args.seed,
+        max_length=args.max_length,
+    )
+    bar = ProgressBar("finetune")
+    try:
+        result = finetune(base, spec, data.train, data.dev, config, progress=bar)
+    finally:
+        bar.close()
+    record = {**result.training_record(), "dataset": args.dataset, "k": args.k}
+    save_checkpoint(args.out, base, result.body, spec, result.head, training=record)
+    print_json({"checkpoint": args.out, **result.metrics})
+    return 0

@@ -1,0 +1,56 @@
+"""Service settings: one pydantic-settings class, environment prefix ``SKILLGRAFT_``, validated at start-up."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Each field is also an environment variable: ``SKILLGRAFT_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="SKILLGRAFT_", extra="ignore")
+
+    base_model: Path | None = Field(
+        None, description="Local transformers encoder folder; unset = the packaged all-MiniLM-L6-v2."
+    )
+    store_dir: Path = Field(REPO_ROOT / "models_store", description="Where task patches, jobs and uploads live.")
+    data_dir: Path | None = Field(None, description="Named datasets folder; unset = ../shared/data beside the repo.")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="Where the base model runs.")
+    max_batch_size: int = Field(32, ge=1, le=4096, description="Most inputs the engine runs in one forward pass.")
+    max_batch_wait_ms: float = Field(5.0, ge=0, le=10_000, description="How long the batcher waits to fill a batch.")
+    max_inputs_per_request: int = Field(256, ge=1, le=100_000, description="Inputs one classify request may carry.")
+    max_text_chars: int = Field(10_000, ge=1, description="Longest text accepted per input (characters).")
+    max_length: int = Field(128, ge=8, le=4096, description="Token length inputs are truncated to.")
+    patch_cache_bytes: int = Field(256 * 2**20, ge=0, description="Byte budget of the in-memory patch cache (LRU).")
+    max_queue: int = Field(4096, ge=1, description="Inputs waiting in the batcher before classify answers 429.")
+    redis_url: str | None = Field(None, description="Redis URL for RQ job workers; unset = in-process jobs.")
+    host: str = Field("127.0.0.1", description="Address `skillgraft serve` binds.")
+    port: int = Field(8000, ge=0, le=65535, description="Port `skillgraft serve` binds.")
+
+    @field_validator("base_model")
+    @classmethod
+    def _base_model_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not (value / "config.json").is_file():
+            raise ValueError(f"SKILLGRAFT_BASE_MODEL={value} is not a transformers model folder (no config.json)")
+        return value
+
+    @model_validator(mode="after")
+    def _check_device(self) -> Settings:
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("SKILLGRAFT_DEVICE=cuda but no CUDA device is available")
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

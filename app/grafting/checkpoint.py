@@ -1,0 +1,232 @@
+"""Fine-tuned checkpoints: reading (safetensors only, never pickle), checking against the base, and writing.
+
+A checkpoint is a transformers-style folder (``config.json`` + ``model.safetensors``), a bare ``.safetensors``
+file, or a zip of such a folder. Key names are normalised to the bare encoder naming, so both
+``bert.encoder.layer.0...`` (sequence-classification checkpoints) and ``encoder.layer.0...`` are accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from app.grafting.base import BaseModel, normalize_state_dict
+from app.grafting.heads import (
+    CLASSIFIER_TENSORS,
+    HeadError,
+    HeadSpec,
+    default_classifier_kind,
+    detect_classifier_kind,
+)
+from app.grafting.patch import atomic_write, sha256_file
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+    "merges.txt",
+    "vocab.json",
+    "sentencepiece.bpe.model",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used with this base; the message names the problem."""
+
+
+@dataclass
+class Checkpoint:
+    """Fine-tuned tensors under bare names, split into what the base has (``body``) and what it lacks (``head``)."""
+
+    body: dict[str, torch.Tensor]
+    head: dict[str, torch.Tensor]
+    config: dict[str, Any] = field(default_factory=dict)
+    sha256: str | None = None
+
+    @property
+    def skillgraft(self) -> dict[str, Any]:
+        return dict(self.config.get("skillgraft") or {})
+
+    def head_spec(self, model_type: str) -> HeadSpec | None:
+        """The head spec this checkpoint declares (our own ``skillgraft`` config block, or transformers' labels)."""
+        info = self.skillgraft
+        if info.get("head"):
+            return HeadSpec.from_json(info["head"])
+        id2label = self.config.get("id2label")
+        if self.head and id2label:
+            labels = tuple(str(id2label[k]) for k in sorted(id2label, key=lambda key: int(key)))
+            kind = detect_classifier_kind(list(self.head)) or default_classifier_kind(model_type)
+            return HeadSpec("classifier", labels, classifier_kind=kind)
+        return None
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise CheckpointError(f"{path.name}: pickle checkpoints are refused; upload safetensors")
+    with path.open("rb") as handle:
+        magic = handle.read(9)
+    if magic[:2] == b"PK" or magic[:1] == b"\x80":
+        raise CheckpointError(f"{path.name}: looks like a pickle/torch.save archive; upload safetensors")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{path.name}: not a readable safetensors file ({exc})") from exc
+
+
+def load_checkpoint(path: str | Path, extract_dir: Path | None = None) -> Checkpoint:
+    """Read a checkpoint folder, ``.safetensors`` file or zip; tensors are split later by ``split_for_base``."""
+    source = Path(path)
+    config: dict[str, Any] = {}
+    if source.is_file() and zipfile.is_zipfile(source) and source.suffix.lower() == ".zip":
+        if extract_dir is None:
+            raise CheckpointError("a zipped checkpoint needs a folder to extract into")
+        source = _extract_zip(source, extract_dir)
+    if source.is_dir():
+        weights = source / "model.safetensors"
+        if not weights.is_file():
+            pickled = [p.name for p in source.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
+            hint = f" (found {pickled[0]}: pickle checkpoints are refused)" if pickled else ""
+            raise CheckpointError(f"checkpoint folder has no model.safetensors{hint}")
+        if (source / "config.json").is_file():
+            try:
+                config = json.loads((source / "config.json").read_text())
+            except json.JSONDecodeError as exc:
+                raise CheckpointError(f"config.json is not valid JSON ({exc.msg})") from exc
+    elif source.is_file():
+        weights = source
+        sidecar = source.with_name("config.json")
+        if sidecar.is_file():
+            config = json.loads(sidecar.read_text())
+    else:
+        raise CheckpointError(f"checkpoint {source} not found")
+    try:
+        state = normalize_state_dict(read_safetensors(weights))
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from exc
+    return Checkpoint(body=state, head={}, config=config, sha256=sha256_file(weights))
+
+
+def _extract_zip(archive: Path, target: Path) -> Path:
+    """Extract only the files a model folder needs, refusing path tricks and pickles."""
+    target.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(archive) as zf:
+        members = [info for info in zf.infolist() if not info.is_dir()]
+        names = [Path(info.filename).name for info in members]
+        if "model.safetensors" not in names:
+            pickled = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+            hint = f" (found {pickled[0]}: pickle checkpoints are refused)" if pickled else ""
+            raise CheckpointError(f"zip holds no model.safetensors{hint}")
+        for info in members:
+            name = Path(info.filename).name
+            if name in ("model.safetensors", "config.json"):
+                with zf.open(info) as src, (target / name).open("wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+    return target
+
+
+def split_for_base(checkpoint: Checkpoint, base: BaseModel) -> Checkpoint:
+    """Check a checkpoint against the base and separate the encoder tensors from the head tensors.
+
+    Refuses (naming the first offenders) missing encoder tensors, shape or dtype mismatches, non-finite values
+    and tensors that are neither part of the base nor a known head.
+    """
+    params = base.parameters
+    state = {**checkpoint.body, **checkpoint.head}
+    body: dict[str, torch.Tensor] = {}
+    head: dict[str, torch.Tensor] = {}
+    problems: list[str] = []
+    known_head = {name for names in CLASSIFIER_TENSORS.values() for name in names}
+    for name, tensor in state.items():
+        if name in params:
+            expected = params[name]
+            if tuple(tensor.shape) != tuple(expected.shape):
+                problems.append(f"{name}: shape {tuple(tensor.shape)}, base has {tuple(expected.shape)}")
+            elif tensor.dtype != expected.dtype:
+                problems.append(f"{name}: dtype {tensor.dtype}, base has {expected.dtype}")
+            else:
+                body[name] = tensor
+        elif name in known_head:
+            head[name] = tensor
+        else:
+            problems.append(f"{name}: not a parameter of the base ({base.name}) nor of a classifier head")
+    missing = [name for name in params if name not in body and name not in state]
+    if missing:
+        problems.append(f"missing base parameters: {', '.join(missing[:3])}" + (" …" if len(missing) > 3 else ""))
+    if problems:
+        raise CheckpointError("checkpoint does not match the base: " + "; ".join(problems[:5]))
+    for name, tensor in {**body, **head}.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"checkpoint tensor {name!r} holds NaN or Inf values")
+    return Checkpoint(body=body, head=head, config=checkpoint.config, sha256=checkpoint.sha256)
+
+
+def save_checkpoint(
+    folder: str | Path,
+    base: BaseModel,
+    body: Mapping[str, torch.Tensor],
+    spec: HeadSpec,
+    head: Mapping[str, torch.Tensor] | None = None,
+    training: dict[str, Any] | None = None,
+) -> Path:
+    """Write a transformers-compatible folder: ``model.safetensors``, ``config.json`` and the tokenizer files.
+
+    Classifier checkpoints use the ``*ForSequenceClassification`` key layout (encoder under the base-model
+    prefix), so ``AutoModelForSequenceClassification.from_pretrained`` loads them as they are.
+    """
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads((base.path / "config.json").read_text())
+    prefix = _prefix_for(base.model_type) if spec.mode == "classifier" else ""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in body.items():
+        tensors[prefix + name] = tensor.detach().to("cpu").contiguous()
+    for name, tensor in (head or {}).items():
+        key = prefix + name if name.startswith("pooler.") else name
+        tensors[key] = tensor.detach().to("cpu").contiguous()
+    if spec.mode == "classifier":
+        config["architectures"] = [_classifier_architecture(base.model_type)]
+        config["num_labels"] = spec.num_labels
+        config["id2label"] = {str(i): label for i, label in enumerate(spec.labels)}
+        config["label2id"] = {label: i for i, label in enumerate(spec.labels)}
+    config["skillgraft"] = {"head": spec.to_json(), "base_fingerprint": base.fingerprint, "training": training or {}}
+    atomic_write(out / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    atomic_write(out / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+    for name in TOKENIZER_FILES:
+        if (base.path / name).is_file():
+            shutil.copyfile(base.path / name, out / name)
+    return out
+
+
+def _prefix_for(model_type: str) -> str:
+    return {"bert": "bert.", "roberta": "roberta.", "xlm-roberta": "roberta.", "mpnet": "mpnet."}.get(model_type, "")
+
+
+def _classifier_architecture(model_type: str) -> str:
+    return {
+        "bert": "BertForSequenceClassification",
+        "roberta": "RobertaForSequenceClassification",
+        "xlm-roberta": "XLMRobertaForSequenceClassification",
+        "mpnet": "MPNetForSequenceClassification",
+    }.get(model_type, "AutoModelForSequenceClassification")
+
+
+def head_spec_or_error(checkpoint: Checkpoint, model_type: str) -> HeadSpec:
+    try:
+        spec = checkpoint.head_spec(model_type)
+    except (HeadError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint head description is malformed: {exc}") from exc
+    if spec is None:
+        raise CheckpointError("checkpoint does not say its labels/head: give a task spec")
+    return spec

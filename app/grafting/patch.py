@@ -1,0 +1,338 @@
+"""The graft patch: a versioned safetensors file holding γ⊙θ_ft for the masked entries of the base.
+
+Layout of a patch file (format version 1):
+
+* ``indices/<param>``: int64 flat indices (sorted, unique) of the masked entries of base parameter ``<param>``;
+* ``values/<param>``: the fine-tuned values at those indices, in the base parameter's dtype;
+* ``head/<name>``: dense tensors for parameters the base lacks (a classifier head);
+* safetensors metadata ``skillgraft.format_version`` and ``skillgraft.meta`` (JSON: base fingerprint, task,
+  head spec, eligible rule, sparsity, method, source checkpoint hash, creation time, metrics).
+
+Applying a patch writes the fine-tuned values in place and keeps the originals, so restoring writes them back:
+the base returns bit-identical (never restored by subtraction, which rounds).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from app.grafting.heads import HeadError, HeadSpec, validate_head_tensors
+
+PATCH_FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = {1}
+INDICES = "indices/"
+VALUES = "values/"
+HEAD = "head/"
+
+
+class PatchError(ValueError):
+    """A patch file that cannot be used; the message names the problem."""
+
+
+class BaseMismatchError(PatchError):
+    """A well-formed patch made for another base model."""
+
+
+@dataclass
+class GraftPatch:
+    task: str
+    spec: HeadSpec
+    base_fingerprint: str
+    # base parameter name -> (sorted unique int64 flat indices, fine-tuned values in the base dtype)
+    entries: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    head: dict[str, torch.Tensor] = field(default_factory=dict)
+    eligible_rule: str = "layers"
+    eligible_size: int = 0
+    method: str = "manual"
+    source_checkpoint_sha256: str | None = None
+    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    metrics: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    format_version: int = PATCH_FORMAT_VERSION
+
+    @property
+    def mask_size(self) -> int:
+        return sum(int(indices.numel()) for indices, _ in self.entries.values())
+
+    @property
+    def sparsity(self) -> float:
+        return self.mask_size / self.eligible_size if self.eligible_size else 0.0
+
+    @property
+    def nbytes(self) -> int:
+        sparse = sum(i.numel() * i.element_size() + v.numel() * v.element_size() for i, v in self.entries.values())
+        return sparse + sum(t.numel() * t.element_size() for t in self.head.values())
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "task": self.task,
+            "base_fingerprint": self.base_fingerprint,
+            "head": self.spec.to_json(),
+            "eligible_rule": self.eligible_rule,
+            "eligible_size": self.eligible_size,
+            "mask_size": self.mask_size,
+            "sparsity": self.sparsity,
+            "method": self.method,
+            "source_checkpoint_sha256": self.source_checkpoint_sha256,
+            "created_at": self.created_at,
+            "metrics": self.metrics,
+            "extra": self.extra,
+        }
+
+    def masks(self, shapes: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
+        """Dense boolean masks, one per touched parameter, for analysis (overlap, per-layer counts)."""
+        out = {}
+        for name, (indices, _) in self.entries.items():
+            mask = torch.zeros(int(math.prod(shapes[name])), dtype=torch.bool)
+            mask[indices] = True
+            out[name] = mask.view(shapes[name])
+        return out
+
+
+def build_patch(
+    pre: Mapping[str, torch.Tensor],
+    ft: Mapping[str, torch.Tensor],
+    mask: Mapping[str, torch.Tensor],
+    *,
+    task: str,
+    spec: HeadSpec,
+    base_fingerprint: str,
+    head: Mapping[str, torch.Tensor] | None = None,
+    eligible_rule: str = "layers",
+    eligible_size: int | None = None,
+    method: str = "manual",
+    source_checkpoint_sha256: str | None = None,
+    metrics: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> GraftPatch:
+    """A patch holding ``ft`` at the entries where ``mask`` is true (parameters with an empty mask are omitted)."""
+    entries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name in sorted(mask):
+        if name not in pre or name not in ft:
+            raise PatchError(f"mask names {name!r}, which the base or the checkpoint lacks")
+        if mask[name].shape != pre[name].shape:
+            raise PatchError(
+                f"mask for {name!r} has shape {tuple(mask[name].shape)}, expected {tuple(pre[name].shape)}"
+            )
+        indices = torch.nonzero(mask[name].reshape(-1).to("cpu"), as_tuple=False).reshape(-1).to(torch.int64)
+        if indices.numel() == 0:
+            continue
+        values = ft[name].detach().to("cpu").reshape(-1)[indices].to(pre[name].dtype).clone()
+        entries[name] = (indices, values)
+    return GraftPatch(
+        task=task,
+        spec=spec,
+        base_fingerprint=base_fingerprint,
+        entries=entries,
+        head={k: v.detach().to("cpu").contiguous().clone() for k, v in (head or {}).items()},
+        eligible_rule=eligible_rule,
+        eligible_size=eligible_size if eligible_size is not None else sum(pre[n].numel() for n in mask),
+        method=method,
+        source_checkpoint_sha256=source_checkpoint_sha256,
+        metrics=dict(metrics or {}),
+        extra=dict(extra or {}),
+    )
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)`` then rename into ``path``: readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_patch(patch: GraftPatch, path: str | Path) -> Path:
+    tensors: dict[str, torch.Tensor] = {}
+    for name, (indices, values) in patch.entries.items():
+        tensors[INDICES + name] = indices.contiguous()
+        tensors[VALUES + name] = values.contiguous()
+    for name, tensor in patch.head.items():
+        tensors[HEAD + name] = tensor.contiguous()
+    metadata = {
+        "skillgraft.format_version": str(patch.format_version),
+        "skillgraft.meta": json.dumps(patch.metadata(), sort_keys=True),
+    }
+    target = Path(path)
+    atomic_write(target, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return target
+
+
+def load_patch(path: str | Path) -> GraftPatch:
+    """Parse a patch file and check its internal consistency (not yet against a base: see ``validate_patch``)."""
+    file = Path(path)
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            header = handle.metadata() or {}
+            names = list(handle.keys())  # noqa: SIM118 - safe_open is not a mapping
+            tensors = {name: handle.get_tensor(name) for name in names}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise PatchError(f"not a readable safetensors file: {exc}") from exc
+    version_text = header.get("skillgraft.format_version")
+    if version_text is None or "skillgraft.meta" not in header:
+        raise PatchError("not a skillgraft patch: metadata 'skillgraft.format_version' is missing")
+    try:
+        version = int(version_text)
+    except ValueError as exc:
+        raise PatchError(f"format version {version_text!r} is not an integer") from exc
+    if version not in SUPPORTED_VERSIONS:
+        raise PatchError(f"unsupported patch format version {version}; this build reads {sorted(SUPPORTED_VERSIONS)}")
+    try:
+        meta = json.loads(header["skillgraft.meta"])
+        spec = HeadSpec.from_json(meta["head"])
+        task = str(meta["task"])
+        fingerprint = str(meta["base_fingerprint"])
+    except (json.JSONDecodeError, KeyError, TypeError, HeadError) as exc:
+        raise PatchError(f"patch metadata is malformed: {exc}") from exc
+
+    entries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    head: dict[str, torch.Tensor] = {}
+    for name in names:
+        if name.startswith(HEAD):
+            head[name[len(HEAD) :]] = tensors[name]
+        elif name.startswith(INDICES):
+            param = name[len(INDICES) :]
+            if VALUES + param not in tensors:
+                raise PatchError(f"parameter {param!r} has indices but no values")
+            entries[param] = (tensors[name], tensors[VALUES + param])
+        elif name.startswith(VALUES):
+            if INDICES + name[len(VALUES) :] not in tensors:
+                raise PatchError(f"parameter {name[len(VALUES) :]!r} has values but no indices")
+        else:
+            raise PatchError(f"unexpected tensor {name!r} in patch")
+    for param, (indices, values) in entries.items():
+        if indices.dtype != torch.int64 or indices.dim() != 1:
+            raise PatchError(
+                f"indices of {param!r} must be a 1-D int64 tensor, got {indices.dtype} {tuple(indices.shape)}"
+            )
+        if values.dim() != 1 or values.numel() != indices.numel():
+            raise PatchError(f"length mismatch for {param!r}: {indices.numel()} indices but {values.numel()} values")
+        if not values.is_floating_point():
+            raise PatchError(f"values of {param!r} have dtype {values.dtype}, expected a float dtype")
+        if not torch.isfinite(values).all():
+            raise PatchError(f"values of {param!r} hold NaN or Inf")
+        if indices.numel() and (indices[0] < 0 or (indices[1:] <= indices[:-1]).any()):
+            raise PatchError(f"indices of {param!r} must be non-negative, sorted and unique")
+    for name, tensor in head.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise PatchError(f"head tensor {name!r} holds NaN or Inf")
+    return GraftPatch(
+        task=task,
+        spec=spec,
+        base_fingerprint=fingerprint,
+        entries=dict(sorted(entries.items())),
+        head=head,
+        eligible_rule=str(meta.get("eligible_rule", "layers")),
+        eligible_size=int(meta.get("eligible_size", 0)),
+        method=str(meta.get("method", "manual")),
+        source_checkpoint_sha256=meta.get("source_checkpoint_sha256"),
+        created_at=str(meta.get("created_at", "")),
+        metrics=dict(meta.get("metrics") or {}),
+        extra=dict(meta.get("extra") or {}),
+        format_version=version,
+    )
+
+
+def validate_patch(
+    patch: GraftPatch, parameters: Mapping[str, torch.Tensor], fingerprint: str, hidden_size: int
+) -> None:
+    """Check a parsed patch against a live base: fingerprint, parameter names, index ranges, dtypes, head shapes."""
+    if patch.base_fingerprint != fingerprint:
+        raise BaseMismatchError(
+            f"patch was made for base {patch.base_fingerprint[:23]}…, this server runs {fingerprint[:23]}…"
+        )
+    for name, (indices, values) in patch.entries.items():
+        if name not in parameters:
+            raise PatchError(f"unknown parameter {name!r}: the base has no such tensor")
+        target = parameters[name]
+        if indices.numel() and int(indices[-1]) >= target.numel():
+            raise PatchError(f"index {int(indices[-1])} out of range for {name!r} with {target.numel()} entries")
+        if values.dtype != target.dtype:
+            raise PatchError(f"dtype mismatch for {name!r}: patch has {values.dtype}, base has {target.dtype}")
+    try:
+        validate_head_tensors(patch.spec, patch.head, hidden_size)
+    except HeadError as exc:
+        raise PatchError(str(exc)) from exc
+
+
+@dataclass
+class AppliedPatch:
+    """Originals saved by ``apply_patch``; ``restore`` writes them back."""
+
+    saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (flat parameter view, indices, originals)
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for flat, indices, originals in reversed(self.saved):
+                flat[indices] = originals
+        self.saved = []
+
+
+def apply_patch(
+    parameters: Mapping[str, torch.Tensor], patch: GraftPatch, device_entries: dict | None = None
+) -> AppliedPatch:
+    """Scatter the patch's fine-tuned values into live parameters, keeping the originals for an exact restore.
+
+    ``device_entries`` may hold the entries already moved to the parameters' device (the engine caches them).
+    """
+    entries = device_entries if device_entries is not None else patch.entries
+    applied = AppliedPatch([])
+    with torch.no_grad():
+        try:
+            for name, (indices, values) in entries.items():
+                flat = parameters[name].data.view(-1)
+                idx = indices.to(flat.device)
+                applied.saved.append((flat, idx, flat[idx].clone()))
+                flat[idx] = values.to(flat.device)
+        except BaseException:
+            applied.restore()
+            raise
+    return applied
+
+
+@contextmanager
+def grafted(parameters: Mapping[str, torch.Tensor], patch: GraftPatch) -> Iterator[None]:
+    """``with grafted(params, patch):`` runs the block on θ_pre + γ⊙δ and restores the base even on error."""
+    applied = apply_patch(parameters, patch)
+    try:
+        yield
+    finally:
+        applied.restore()
+
+
+def materialize(pre: Mapping[str, torch.Tensor], patch: GraftPatch) -> dict[str, torch.Tensor]:
+    """A full grafted state dict: base tensors with the patch's entries written in, plus the head tensors."""
+    out = {name: tensor.detach().to("cpu").clone() for name, tensor in pre.items()}
+    for name, (indices, values) in patch.entries.items():
+        out[name].view(-1)[indices] = values
+    out.update({name: tensor.clone() for name, tensor in patch.head.items()})
+    return out
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

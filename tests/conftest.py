@@ -1,0 +1,41 @@
+"""Shared fixtures: a tiny random BERT for the maths, the packaged base for integration, the shared data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from app.grafting.base import BaseModel, load_base
+from app.grafting.data import default_data_dir
+from tests.utils.tiny import load_tiny, make_tiny_bert
+
+# Set by .ci/run: there a missing ../shared/data is an error, not a reason to skip.
+REQUIRE_DATA = os.environ.get("SKILLGRAFT_REQUIRE_DATA") == "1"
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_base_dir: Path) -> BaseModel:
+    return load_tiny(tiny_base_dir)
+
+
+@pytest.fixture(scope="session")
+def real_base() -> BaseModel:
+    """The packaged all-MiniLM-L6-v2, loaded once per test session."""
+    return load_base()
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = default_data_dir()
+    if not path.is_dir():
+        if REQUIRE_DATA:
+            pytest.fail(f"shared data folder {path} is missing (SKILLGRAFT_REQUIRE_DATA=1)")
+        pytest.skip(f"shared data folder {path} not found: a fresh clone has no ../shared/data")
+    return path
