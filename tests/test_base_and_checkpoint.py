@@ -82,8 +82,9 @@ def test_classifier_checkpoint_is_standard(tiny_base: BaseModel, tmp_path: Path)
     encoder = load_base(folder).encoder
     ours = TaskModel(encoder, spec, tiny_base.tokenizer, loaded.head).eval()
     with torch.no_grad():
-        expected = reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                             token_type_ids=batch.token_type_ids).logits
+        expected = reference(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, token_type_ids=batch.token_type_ids
+        ).logits
         assert torch.allclose(ours(batch), expected, atol=1e-6)
     assert loaded.head_spec("bert") == spec
 

@@ -82,10 +82,13 @@ def test_k_shot_refuses_small_classes() -> None:
 def test_user_jsonl_and_csv(tmp_path: Path) -> None:
     jsonl = tmp_path / "train.jsonl"
     jsonl.write_text(
-        "\n".join(json.dumps(r) for r in [
-            {"text": "good", "label": "pos"},
-            {"text": "bad", "label": "neg", "text_pair": "really"},
-        ])
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"text": "good", "label": "pos"},
+                {"text": "bad", "label": "neg", "text_pair": "really"},
+            ]
+        )
     )
     examples, labels = read_user_data(jsonl)
     assert labels == ("neg", "pos")

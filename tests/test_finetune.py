@@ -33,19 +33,39 @@ def test_finetune_raises_train_accuracy(real_base: BaseModel, data_dir: Path, mo
     assert all(real_base.parameters[n].equal(t) for n, t in pre.items())
     assert result.body["embeddings.word_embeddings.weight"].equal(pre["embeddings.word_embeddings.weight"])
     assert not result.body["encoder.layer.0.output.dense.weight"].equal(pre["encoder.layer.0.output.dense.weight"])
-    assert (set(result.head) == {"pooler.dense.weight", "pooler.dense.bias", "classifier.weight",
-                                 "classifier.bias"}) == (mode == "classifier")
+    assert (
+        set(result.head) == {"pooler.dense.weight", "pooler.dense.bias", "classifier.weight", "classifier.bias"}
+    ) == (mode == "classifier")
 
 
-def test_finetune_cli_with_user_data(tiny_base_dir: Path, tiny_base: BaseModel, tmp_path: Path,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_finetune_cli_with_user_data(
+    tiny_base_dir: Path, tiny_base: BaseModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     train = tmp_path / "train.jsonl"
-    rows = [{"text": f"{w} movie number {i}", "label": "pos" if w == "good" else "neg"}
-            for i in range(12) for w in ("good", "bad")]
+    rows = [
+        {"text": f"{w} movie number {i}", "label": "pos" if w == "good" else "neg"}
+        for i in range(12)
+        for w in ("good", "bad")
+    ]
     train.write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "ckpt"
-    code = main(["finetune", "--base-model", str(tiny_base_dir), "--train", str(train), "--mode", "classifier",
-                 "--epochs", "2", "--l1", "1e-4", "--out", str(out)])
+    code = main(
+        [
+            "finetune",
+            "--base-model",
+            str(tiny_base_dir),
+            "--train",
+            str(train),
+            "--mode",
+            "classifier",
+            "--epochs",
+            "2",
+            "--l1",
+            "1e-4",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["steps"] == 6 and 0 <= report["train_accuracy"] <= 1
@@ -55,7 +75,9 @@ def test_finetune_cli_with_user_data(tiny_base_dir: Path, tiny_base: BaseModel, 
     assert checkpoint.head_spec("bert").labels == ("neg", "pos")
 
 
-def test_finetune_cli_reports_bad_input(tiny_base_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_finetune_cli_reports_bad_input(
+    tiny_base_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "train.jsonl"
     bad.write_text('{"text": "x"}\n')
     code = main(["finetune", "--base-model", str(tiny_base_dir), "--train", str(bad), "--out", str(tmp_path / "o")])

@@ -208,8 +208,12 @@ def test_classifier_head_shape_is_checked(tiny_base: BaseModel, tmp_path: Path) 
 
 
 def test_other_base_fingerprint_is_refused(tiny_base: BaseModel, tmp_path: Path) -> None:
-    patch = load_patch(_rewrite(save_patch(make_patch(tiny_base), tmp_path / "p.safetensors"),
-                                edit_meta=_set_meta("base_fingerprint", "sha256:" + "0" * 64)))
+    patch = load_patch(
+        _rewrite(
+            save_patch(make_patch(tiny_base), tmp_path / "p.safetensors"),
+            edit_meta=_set_meta("base_fingerprint", "sha256:" + "0" * 64),
+        )
+    )
     with pytest.raises(BaseMismatchError, match="made for base"):
         validate_patch(patch, tiny_base.parameters, tiny_base.fingerprint, tiny_base.hidden_size)
 
