@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
 from app.grafting.heads import HeadError, HeadSpec, validate_head_tensors
 
@@ -161,7 +161,7 @@ def atomic_write(path: Path, write: Any) -> None:
         raise
 
 
-def save_patch(patch: GraftPatch, path: str | Path) -> Path:
+def _tensors_and_metadata(patch: GraftPatch) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     tensors: dict[str, torch.Tensor] = {}
     for name, (indices, values) in patch.entries.items():
         tensors[INDICES + name] = indices.contiguous()
@@ -172,9 +172,20 @@ def save_patch(patch: GraftPatch, path: str | Path) -> Path:
         "skillgraft.format_version": str(patch.format_version),
         "skillgraft.meta": json.dumps(patch.metadata(), sort_keys=True),
     }
+    return tensors, metadata
+
+
+def save_patch(patch: GraftPatch, path: str | Path) -> Path:
+    tensors, metadata = _tensors_and_metadata(patch)
     target = Path(path)
     atomic_write(target, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return target
+
+
+def patch_to_bytes(patch: GraftPatch) -> bytes:
+    """The patch file's bytes, for stores that stage and rename them themselves."""
+    tensors, metadata = _tensors_and_metadata(patch)
+    return save(tensors, metadata=metadata)
 
 
 def load_patch(path: str | Path) -> GraftPatch:
