@@ -1,0 +1,175 @@
+"""``skillgraft localize`` and ``skillgraft evaluate``: find a graft mask for a fine-tuned checkpoint; score a patch.
+
+``localize`` reads a checkpoint written by ``skillgraft finetune --out DIR`` (or any safetensors checkpoint of the
+base), learns or picks a mask, writes the patch with ``save_patch`` and a JSON report beside it.
+``evaluate`` scores a patch against its checkpoint on a task's test examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from app.cli.common import ProgressBar, add_base_options, add_data_options, print_json, task_data_from
+from app.grafting.base import BaseModel, EligibleRule, load_base
+from app.grafting.checkpoint import Checkpoint, head_spec_or_error, load_checkpoint, split_for_base
+from app.grafting.data import TaskData
+from app.grafting.evaluate import Evaluator, mask_breakdown, mask_counts
+from app.grafting.heads import HeadSpec
+from app.grafting.localize import METHODS, LocalizeConfig, localize
+from app.grafting.patch import atomic_write, build_patch, load_patch, save_patch, validate_patch
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("localize", help="find a sparse graft mask for a fine-tuned checkpoint")
+    add_base_options(parser)
+    add_data_options(parser)
+    parser.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint folder, .safetensors or .zip")
+    parser.add_argument("--task", help="task name stored in the patch (default: the dataset or checkpoint name)")
+    group = parser.add_argument_group("localization")
+    group.add_argument("--method", choices=METHODS, default="learned")
+    group.add_argument("--sparsity", type=float, default=1e-4, help="k = sparsity·|E| (γ_base, or the mask size)")
+    group.add_argument(
+        "--eligible", default="layers", help="eligible set: layers[,bias-only][,no-layernorm][,from-layer=N]"
+    )
+    group.add_argument("--steps", type=int, default=10)
+    group.add_argument("--bias", type=float, default=10.0, help="b in σ(S − b)")
+    group.add_argument("--lr", type=float, default=1e7, help="η of the plain gradient step on S")
+    group.add_argument("--max-step", type=float, default=None, help="scale-free step: largest |ΔS| per step")
+    group.add_argument("--examples-per-step", type=int, default=1024)
+    group.add_argument("--micro-batch", type=int, default=32)
+    group.add_argument(
+        "--budget", type=float, default=None, help="hard cap on the mask size: entries (>= 1) or a fraction of |E|"
+    )
+    group.add_argument("--l1", type=float, default=0.0, help="L1 penalty on the soft mask size Σγ(S)")
+    group.add_argument("--score-every", type=int, default=1, help="score the rounded mask every N steps")
+    group.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--out", required=True, help="patch file to write (.safetensors)")
+    parser.add_argument("--report", help="JSON report path (default: the patch path with .json)")
+    parser.add_argument("--no-evaluate", action="store_true", help="skip scoring the patch on the test examples")
+    parser.add_argument("--eval-limit", type=int, default=None, help="score on the first N test examples only")
+    parser.set_defaults(run=run_localize)
+
+    ev = commands.add_parser("evaluate", help="score a patch against its checkpoint on test data")
+    add_base_options(ev)
+    add_data_options(ev)
+    ev.add_argument("--patch", required=True)
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--limit", type=int, default=None, help="score on the first N test examples only")
+    ev.add_argument("--out", help="report JSON path (default: print)")
+    ev.set_defaults(run=run_evaluate)
+
+
+def _load(args: argparse.Namespace) -> tuple[BaseModel, Checkpoint, HeadSpec, TaskData]:
+    base = load_base(args.base_model, args.device)
+    checkpoint = split_for_base(load_checkpoint(args.checkpoint), base)
+    spec = head_spec_or_error(checkpoint, base.model_type)
+    data = task_data_from(args)
+    if tuple(data.labels) != tuple(spec.labels) and len(data.labels) != spec.num_labels:
+        raise ValueError(f"the data has labels {list(data.labels)}, the checkpoint {list(spec.labels)}")
+    return base, checkpoint, spec, data
+
+
+def _head_seed(checkpoint: Checkpoint) -> int:
+    """The seed the fine-tune drew its head with (0 when the checkpoint does not say)."""
+    return int((checkpoint.skillgraft.get("training") or {}).get("seed", 0))
+
+
+def _budget(value: float | None, eligible: int) -> int | None:
+    if value is None:
+        return None
+    return int(value) if value >= 1 else math.floor(value * eligible)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    text = json.dumps(data, indent=2, sort_keys=True, default=str)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def run_localize(args: argparse.Namespace) -> int:
+    base, checkpoint, spec, data = _load(args)
+    rule = EligibleRule.parse(args.eligible)
+    eligible = sum(base.parameters[n].numel() for n in rule.select(base.parameters))
+    config = LocalizeConfig(
+        method=args.method,
+        sparsity=args.sparsity,
+        eligible=str(rule),
+        steps=args.steps,
+        bias=args.bias,
+        lr=args.lr,
+        max_step=args.max_step,
+        examples_per_step=args.examples_per_step,
+        micro_batch=args.micro_batch,
+        budget=_budget(args.budget, eligible),
+        l1=args.l1,
+        score_every=args.score_every,
+        max_length=args.max_length,
+        seed=args.seed,
+    )
+    bar = ProgressBar(f"localize ({args.method})")
+    try:
+        result = localize(base, checkpoint.body, spec, data.train, data.dev, config, checkpoint.head, progress=bar)
+    finally:
+        bar.close()
+    task = args.task or args.dataset or Path(args.checkpoint).stem
+    report: dict[str, Any] = {
+        "task": task,
+        "checkpoint": str(args.checkpoint),
+        "checkpoint_sha256": checkpoint.sha256,
+        "finetune": checkpoint.skillgraft.get("training") or {},
+        **result.summary(),
+        "mask": mask_breakdown(mask_counts(result.mask)),
+        "history": result.history,
+    }
+    patch = build_patch(
+        base.parameters,
+        checkpoint.body,
+        result.mask,
+        task=task,
+        spec=spec,
+        base_fingerprint=base.fingerprint,
+        head=checkpoint.head,
+        eligible_rule=str(rule),
+        eligible_size=result.eligible_size,
+        method=result.method,
+        source_checkpoint_sha256=checkpoint.sha256,
+        metrics={"train_dev_score": result.history[result.best_step]["score"]} if result.history else {},
+        extra={"localize": config.to_json(), "best_step": result.best_step},
+    )
+    if not args.no_evaluate and data.test:
+        test = data.test[: args.eval_limit] if args.eval_limit else data.test
+        evaluator = Evaluator(base, spec, checkpoint.body, test, checkpoint.head, head_seed=_head_seed(checkpoint))
+        report["evaluation"] = evaluator.report(patch)
+        patch.metrics.update(
+            {key: report["evaluation"][key] for key in ("acc_pre", "acc_ft", "acc_graft", "relative_gain")}
+        )
+    out = save_patch(patch, args.out)
+    report["patch"] = str(out)
+    report_path = Path(args.report) if args.report else out.with_suffix(".json")
+    _write_json(report_path, report)
+    print_json(
+        {key: report[key] for key in ("patch", "method", "mask_size", "sparsity", "best_step")}
+        | {
+            "report": str(report_path),
+            **{k: v for k, v in (report.get("evaluation") or {}).items() if k.startswith(("acc_", "relative"))},
+        }
+    )
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    base, checkpoint, spec, data = _load(args)
+    patch = load_patch(args.patch)
+    validate_patch(patch, base.parameters, base.fingerprint, base.hidden_size)
+    if patch.spec != spec:
+        raise ValueError("the patch's head spec differs from the checkpoint's: not made from this checkpoint")
+    test = data.test[: args.limit] if args.limit else data.test
+    evaluator = Evaluator(base, spec, checkpoint.body, test, checkpoint.head, head_seed=_head_seed(checkpoint))
+    report = {"patch": str(args.patch), "checkpoint": str(args.checkpoint), **evaluator.report(patch)}
+    if args.out:
+        _write_json(Path(args.out), report)
+    print_json(report)
+    return 0
