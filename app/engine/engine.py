@@ -1,0 +1,296 @@
+"""The inference engine: one thread owns the base weights and runs dynamically batched forward passes.
+
+Requests hand in rows (a task plus one encoded input, tokenised by the caller outside the weight lock); the
+inference thread gathers them into batches of at most ``max_batch_size`` rows, waiting at most ``max_batch_wait_ms``
+after the oldest row arrived, and runs each batch one of two ways:
+
+* **swap** (bit-exact): the batch's task patch is scattered into the weights, the forward runs, and the saved
+  originals are written back in ``finally`` — the base is restored even when the forward raises.
+* **mixed**: one forward over rows of many tasks with the base weights untouched; each row's sparse delta is added
+  to the outputs of the layers it touches (``app.engine.mixed``). Exact up to float rounding.
+
+Policy ``auto`` (the default) prefers a swap batch when one task has enough queued rows to fill most of a batch,
+and otherwise a mixed batch of the oldest rows; a mixed batch whose delta work would exceed ``mixed_max_entries``
+(dense patches), or rows of tasks that touch parameters outside Linear/LayerNorm modules, run as per-task swaps.
+The queue is bounded (``max_queue`` rows): a full queue refuses new work with ``Overloaded`` instead of growing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from app.engine.errors import InferenceFailed, NotReady, Overloaded
+from app.engine.mixed import DeltaHooks, DeltaTargets, build_plan
+from app.engine.registry import EngineTask
+from app.grafting.base import BaseModel
+from app.grafting.heads import Batch, Encoded, classifier_logits, collate, encoder_hidden, prompt_logits
+from app.grafting.patch import apply_patch
+
+log = logging.getLogger(__name__)
+
+Policy = Literal["auto", "swap", "mixed"]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Batching knobs, passed explicitly (the engine never reads global settings)."""
+
+    max_batch_size: int = 32
+    max_batch_wait_ms: float = 5.0
+    max_queue: int = 4096
+    policy: Policy = "auto"
+    # Σ over the batch's rows of their task's entry count above which a mixed batch costs more than swaps.
+    mixed_max_entries: int = 1 << 20
+    # auto: take a single-task swap batch when that task's queued rows fill at least this share of a batch.
+    swap_fill: float = 0.75
+
+
+class _Ticket:
+    """The future of one ``submit`` call, completed when its last row is done (one future per request, not
+    per row, keeps a large request cheap)."""
+
+    def __init__(self, size: int) -> None:
+        self.future: Future[list[torch.Tensor]] = Future()
+        self.results: list[torch.Tensor | None] = [None] * size
+        self.remaining = size
+
+    def set_row(self, slot: int, logits: torch.Tensor) -> None:
+        self.results[slot] = logits
+        self.remaining -= 1
+        if self.remaining == 0 and not self.future.done():
+            self.future.set_result(self.results)  # type: ignore[arg-type]
+
+    def fail(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+
+@dataclass
+class _Row:
+    task: EngineTask
+    encoded: Encoded
+    ticket: _Ticket
+    slot: int
+    arrived: float
+
+
+@dataclass
+class EngineStats:
+    batches: int = 0
+    rows: int = 0
+    swap_batches: int = 0
+    mixed_batches: int = 0
+    failed_batches: int = 0
+
+
+class Engine:
+    """The single writer of the base weights (see the module docstring for the batching policy).
+
+    ``weights_lock`` is held while a patch is swapped in; the registry takes it to read pristine base values.
+    """
+
+    def __init__(
+        self,
+        base: BaseModel,
+        config: EngineConfig,
+        targets: DeltaTargets | None = None,
+        weights_lock: threading.Lock | None = None,
+    ) -> None:
+        self.base = base
+        self.config = config
+        self.targets = targets or DeltaTargets(base.encoder)
+        self.weights_lock = weights_lock or threading.Lock()
+        self.device = next(base.encoder.parameters()).device
+        self.parameters = base.parameters
+        self.stats = EngineStats()
+        self._hooks = DeltaHooks(self.targets)
+        self._queue: deque[_Row] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._pad_id = int(base.tokenizer.pad_token_id or 0)
+        self._uses_token_types = "token_type_ids" in base.tokenizer.model_input_names
+        self._thread = threading.Thread(target=self._loop, name="skillgraft-inference", daemon=True)
+        self._thread.start()
+
+    # -- public ------------------------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    @property
+    def queued(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def submit(self, rows: Sequence[tuple[EngineTask, Encoded]]) -> Future[list[torch.Tensor]]:
+        """Queue rows; the future yields one float32 CPU logits vector per row, in order."""
+        ticket = _Ticket(len(rows))
+        if not rows:
+            ticket.future.set_result([])
+            return ticket.future
+        now = time.monotonic()
+        with self._cond:
+            if self._stopping:
+                raise NotReady("the engine is shutting down")
+            if len(self._queue) + len(rows) > self.config.max_queue:
+                raise Overloaded(
+                    f"the batcher queue is full ({len(self._queue)} of max_queue={self.config.max_queue} inputs "
+                    "waiting); retry later"
+                )
+            self._queue.extend(_Row(task, enc, ticket, i, now) for i, (task, enc) in enumerate(rows))
+            self._cond.notify()
+        return ticket.future
+
+    def run(self, rows: Sequence[tuple[EngineTask, Encoded]], timeout: float | None = None) -> list[torch.Tensor]:
+        """Blocking ``submit`` (benchmarks, CLI)."""
+        return self.submit(rows).result(timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Finish queued rows, stop the thread and remove the hooks."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        self._hooks.close()
+
+    # -- the inference thread ----------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        config = self.config
+        wait_s = config.max_batch_wait_ms / 1000.0
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                deadline = self._queue[0].arrived + wait_s
+                while len(self._queue) < config.max_batch_size and not self._stopping:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                batch = self._take_batch()
+            self._run_batch(batch)
+
+    def _take_batch(self) -> list[_Row]:
+        """Choose the next batch's rows (caller holds the condition's lock)."""
+        limit = self.config.max_batch_size
+        queue = self._queue
+        head_task = queue[0].task
+        if self.config.policy != "mixed":
+            # Look a bounded way down the queue: a deep backlog must not make batch selection O(queue).
+            window = itertools.islice(queue, self.config.max_batch_size * 16)
+            same = [row for row in window if row.task is head_task][:limit]
+            fifo = min(limit, len(queue))
+            if self.config.policy == "swap" or len(same) == fifo or len(same) >= self.config.swap_fill * fifo:
+                taken = {id(row) for row in same}
+                self._queue = deque(row for row in queue if id(row) not in taken)
+                return same
+        return [queue.popleft() for _ in range(min(limit, len(queue)))]
+
+    def _run_batch(self, rows: list[_Row]) -> None:
+        groups: dict[int, list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault(id(row.task), []).append(i)
+        policy = self.config.policy
+        try:
+            if policy == "swap" or (policy == "auto" and len(groups) == 1):
+                for members in groups.values():
+                    self._run_swap([rows[i] for i in members])
+                return
+            mixable = [members for members in groups.values() if rows[members[0]].task.mixable]
+            work = sum(rows[members[0]].task.num_entries * len(members) for members in mixable)
+            if work > self.config.mixed_max_entries:
+                mixable = []
+            mixed_rows = [rows[i] for members in mixable for i in members]
+            if policy == "auto" and len(mixable) == 1:
+                self._run_swap(mixed_rows)
+            elif mixed_rows:
+                # policy "mixed" runs even a one-task batch this way (benchmarks and tests compare the paths)
+                self._run_mixed(mixed_rows)
+            in_mixed = {id(row) for row in mixed_rows}
+            for members in groups.values():
+                if id(rows[members[0]]) not in in_mixed:
+                    self._run_swap([rows[i] for i in members])
+        except Exception as exc:  # the engine must survive any batch: fail its requests, keep serving
+            log.exception("inference batch failed")
+            self.stats.failed_batches += 1
+            error = InferenceFailed("inference failed for this batch; the base model was restored")
+            error.__cause__ = exc
+            for row in rows:
+                row.ticket.fail(error)
+
+    def _collate(self, rows: list[_Row]) -> Batch:
+        # Prompt-mode collation also records mask positions (-1 for classifier rows, unused by their head).
+        mode = "prompt" if any(row.task.spec.mode == "prompt" for row in rows) else "classifier"
+        return collate([row.encoded for row in rows], self._pad_id, self._uses_token_types, mode).to(self.device)
+
+    @torch.inference_mode()
+    def _run_swap(self, rows: list[_Row]) -> None:
+        task = rows[0].task
+        batch = self._collate(rows)
+        with self.weights_lock:
+            applied = apply_patch(self.parameters, None, device_entries=task.swap_entries())  # type: ignore[arg-type]
+            try:
+                hidden = encoder_hidden(self.base.encoder, batch)
+                # The head runs before the restore: a prompt head reads the (possibly patched) embedding table.
+                logits = self._head(task, hidden, batch.mask_positions)
+            finally:
+                applied.restore()
+        self._deliver(rows, logits)
+        self.stats.swap_batches += 1
+
+    @torch.inference_mode()
+    def _run_mixed(self, rows: list[_Row]) -> None:
+        batch = self._collate(rows)
+        plan = build_plan([row.task.mixed_entries() for row in rows], self.targets, self.device)
+        self._hooks.plan = plan
+        try:
+            hidden = encoder_hidden(self.base.encoder, batch)
+        finally:
+            self._hooks.plan = None
+        out: list[torch.Tensor | None] = [None] * len(rows)
+        groups: dict[int, list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault(id(row.task), []).append(i)
+        for members in groups.values():
+            index = torch.tensor(members, device=self.device)
+            positions = None if batch.mask_positions is None else batch.mask_positions[index]
+            logits = self._head(rows[members[0]].task, hidden[index], positions).float().cpu()
+            for j, i in enumerate(members):
+                out[i] = logits[j]
+        for row, logits_row in zip(rows, out, strict=True):
+            assert logits_row is not None
+            row.ticket.set_row(row.slot, logits_row)
+        self.stats.mixed_batches += 1
+        self._count(rows)
+
+    def _head(self, task: EngineTask, hidden: torch.Tensor, mask_positions: torch.Tensor | None) -> torch.Tensor:
+        if task.spec.mode == "prompt":
+            assert mask_positions is not None and task.label_ids is not None
+            table = self.base.encoder.get_input_embeddings().weight
+            return prompt_logits(hidden, mask_positions, table[task.label_ids])
+        assert task.spec.classifier_kind is not None
+        return classifier_logits(hidden, task.spec.classifier_kind, task.head)
+
+    def _deliver(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        cpu = logits.float().cpu()
+        for row, vector in zip(rows, cpu, strict=True):
+            row.ticket.set_row(row.slot, vector)
+        self._count(rows)
+
+    def _count(self, rows: list[_Row]) -> None:
+        self.stats.batches += 1
+        self.stats.rows += len(rows)

@@ -1,0 +1,299 @@
+"""The task registry: names in the store → validated, engine-ready tasks, behind a byte-bounded LRU cache.
+
+Policy:
+
+* **Load once.** A task is parsed and validated at most once per stored version (etag), even when many requests
+  ask for it at the same moment: the first caller loads it, the others wait on the same future. Loading happens
+  in the caller's thread, never in the inference thread, so a slow or bad patch cannot stall the engine, and a
+  patch that fails validation never reaches it.
+* **Fresh.** Every lookup compares the stored file's etag (inode, mtime, size) with the cached one, so a patch
+  replaced or added by another process (a job worker) is served on the next request, without a restart; a
+  deleted file makes the task unknown at once.
+* **Bounded.** Cached tasks are kept in least-recently-used order; after each insertion the oldest are evicted
+  until the total of their tensor bytes fits ``cache_bytes``. A batch already holding an evicted task finishes with
+  it (the reference keeps it alive). A task larger than the whole budget is served but not kept.
+* **Remembered failures.** A stored patch that fails validation is remembered per etag, so requests for it fail
+  fast (``TaskUnusable``) until the file changes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.engine.errors import TaskNotFound, TaskUnusable
+from app.engine.mixed import DeltaTargets
+from app.engine.store import StoredPatch, TaskStore, check_task_name
+from app.grafting.base import BaseModel
+from app.grafting.heads import HeadError, HeadSpec, Tokenization, label_word_ids
+from app.grafting.patch import BaseMismatchError, GraftPatch, PatchError, load_patch, validate_patch
+
+
+@dataclass(eq=False)
+class EngineTask:
+    """One task as the engine runs it: all tensors on the engine's device, entries packed into few tensors.
+
+    Entries of all touched parameters are concatenated (``params[i]`` owns ``[offsets[i], offsets[i+1])``) so a
+    task costs a handful of tensor objects, whatever the number of parameters it touches.
+    """
+
+    name: str
+    etag: str
+    spec: HeadSpec
+    tokenization: Tokenization
+    metadata: dict[str, Any]
+    params: tuple[str, ...]
+    offsets: tuple[int, ...]
+    indices: torch.Tensor  # int32 flat indices into each parameter
+    values: torch.Tensor  # fine-tuned values (swap path: written in, bit-exact)
+    deltas: torch.Tensor  # values − base (mixed path: added to layer outputs)
+    slots: torch.Tensor  # int16 slot of each entry in DeltaTargets (mixed path)
+    value_dtypes: tuple[torch.dtype, ...]
+    mixable: bool
+    label_ids: torch.Tensor | None = None
+    head: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def num_entries(self) -> int:
+        return int(self.indices.numel())
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.indices, self.values, self.deltas, self.slots, *self.head.values()]
+        if self.label_ids is not None:
+            tensors.append(self.label_ids)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def swap_entries(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{param: (indices, values)}`` views in the form ``apply_patch`` takes."""
+        out = {}
+        for i, name in enumerate(self.params):
+            start, end = self.offsets[i], self.offsets[i + 1]
+            out[name] = (self.indices[start:end], self.values[start:end].to(self.value_dtypes[i]))
+        return out
+
+    def mixed_entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.slots, self.indices, self.deltas
+
+
+class TaskRegistry:
+    """Tasks by name over a :class:`TaskStore`, cached for the engine (see the module docstring for the policy).
+
+    ``weights_lock`` is the engine's lock over the base weights: deltas are read from the base under it, so they
+    are never computed while another task's patch is swapped in.
+    """
+
+    def __init__(
+        self,
+        store: TaskStore,
+        base: BaseModel,
+        targets: DeltaTargets,
+        weights_lock: threading.Lock,
+        cache_bytes: int,
+        max_length: int,
+    ) -> None:
+        self.store = store
+        self.base = base
+        self.targets = targets
+        self.weights_lock = weights_lock
+        self.cache_bytes = cache_bytes
+        self.max_length = max_length
+        self.device = next(base.encoder.parameters()).device
+        self._parameters = base.parameters
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[str, EngineTask] = OrderedDict()
+        self._cached_bytes = 0
+        self._loading: dict[tuple[str, str], Future[EngineTask]] = {}
+        self._failures: dict[str, tuple[str, str]] = {}
+        self.stats = {"hits": 0, "loads": 0, "evictions": 0}
+
+    # -- lookups -----------------------------------------------------------------------------------------------
+
+    def lookup_cached(self, name: str) -> EngineTask | None:
+        """The cached task if it is still the stored version; cheap (one ``stat``), safe on the event loop."""
+        check_task_name(name)
+        stored = self.store.stat(name)
+        with self._lock:
+            task = self._cache.get(name)
+            if stored is None or task is None or task.etag != stored.etag:
+                return None
+            self._cache.move_to_end(name)
+            self.stats["hits"] += 1
+            return task
+
+    def get(self, name: str) -> EngineTask:
+        """The current version of a task, loading and validating it if needed (blocking: call from a thread)."""
+        check_task_name(name)
+        stored = self.store.stat(name)
+        if stored is None:
+            self._forget(name)
+            raise TaskNotFound(f"task {name!r} not found")
+        key = (name, stored.etag)
+        with self._lock:
+            task = self._cache.get(name)
+            if task is not None and task.etag == stored.etag:
+                self._cache.move_to_end(name)
+                self.stats["hits"] += 1
+                return task
+            failure = self._failures.get(name)
+            if failure is not None and failure[0] == stored.etag:
+                raise TaskUnusable(failure[1])
+            pending = self._loading.get(key)
+            owner = pending is None
+            if pending is None:
+                pending = self._loading[key] = Future()
+        if not owner:
+            return pending.result()
+        try:
+            task = self._load(stored)
+        except BaseException as exc:
+            error = exc
+            if isinstance(exc, PatchError):
+                message = f"task {name!r} has an unusable patch: {exc}"
+                error = TaskUnusable(message)
+                with self._lock:
+                    self._failures[name] = (stored.etag, message)
+            elif isinstance(exc, FileNotFoundError):
+                error = TaskNotFound(f"task {name!r} not found")
+            with self._lock:
+                self._loading.pop(key, None)
+            pending.set_exception(error)
+            if error is exc:
+                raise
+            raise error from exc
+        with self._lock:
+            self._loading.pop(key, None)
+            self._failures.pop(name, None)
+            self.stats["loads"] += 1
+            self._insert(task)
+        pending.set_result(task)
+        return task
+
+    def is_cached(self, name: str) -> bool:
+        with self._lock:
+            return name in self._cache
+
+    def cache_info(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "tasks": len(self._cache),
+                "bytes": self._cached_bytes,
+                "budget_bytes": self.cache_bytes,
+                **self.stats,
+            }
+
+    # -- changes -----------------------------------------------------------------------------------------------
+
+    def put(self, name: str, data: bytes, source: str = "upload") -> tuple[StoredPatch, bool]:
+        """Validate ``data`` as a patch for this base and store it under ``name``; returns (stored, created).
+
+        Raises ``PatchError`` (malformed) or ``BaseMismatchError`` (another base) and leaves the store unchanged.
+        """
+        check_task_name(name)
+        created = self.store.stat(name) is None
+        stored = self.store.write_patch(name, data, self.check_file, source=source)
+        self._forget(name)
+        return stored, created
+
+    def delete(self, name: str) -> None:
+        check_task_name(name)
+        removed = self.store.delete(name)
+        self._forget(name)
+        if not removed:
+            raise TaskNotFound(f"task {name!r} not found")
+
+    def check_file(self, path: Path) -> GraftPatch:
+        """Everything a patch must pass before it may be stored or served (format, base, head)."""
+        patch = load_patch(path)
+        validate_patch(patch, self._parameters, self.base.fingerprint, self.base.hidden_size)
+        try:
+            Tokenization(self.base.tokenizer, patch.spec, self.max_length)
+            if patch.spec.mode == "prompt":
+                label_word_ids(self.base.tokenizer, patch.spec.label_words or ())
+        except HeadError as exc:
+            raise PatchError(str(exc)) from exc
+        return patch
+
+    # -- internals ---------------------------------------------------------------------------------------------
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            task = self._cache.pop(name, None)
+            if task is not None:
+                self._cached_bytes -= task.nbytes
+            self._failures.pop(name, None)
+
+    def _insert(self, task: EngineTask) -> None:
+        old = self._cache.pop(task.name, None)
+        if old is not None:
+            self._cached_bytes -= old.nbytes
+        if task.nbytes > self.cache_bytes:
+            return
+        self._cache[task.name] = task
+        self._cached_bytes += task.nbytes
+        while self._cached_bytes > self.cache_bytes and self._cache:
+            _, evicted = self._cache.popitem(last=False)
+            self._cached_bytes -= evicted.nbytes
+            self.stats["evictions"] += 1
+
+    def _load(self, stored: StoredPatch) -> EngineTask:
+        patch = self.check_file(stored.path)
+        tokenization = Tokenization(self.base.tokenizer, patch.spec, self.max_length)
+        names = tuple(patch.entries)
+        offsets = [0]
+        for name in names:
+            offsets.append(offsets[-1] + int(patch.entries[name][0].numel()))
+        dtypes = tuple(patch.entries[name][1].dtype for name in names)
+        # One dtype in practice; float64 holds any narrower float exactly if a base mixes dtypes.
+        packed_dtype = dtypes[0] if len(set(dtypes)) == 1 else torch.float64
+        if names:
+            indices = torch.cat([patch.entries[n][0] for n in names]).to(torch.int32)
+            values = torch.cat([patch.entries[n][1].to(packed_dtype) for n in names])
+        else:
+            indices, values = torch.zeros(0, dtype=torch.int32), torch.zeros(0)
+        slots_list = [self.targets.slot(name) for name in names]
+        mixable = all(slot is not None for slot in slots_list)
+        slots = torch.cat(
+            [
+                torch.full((offsets[i + 1] - offsets[i],), -1 if slot is None else slot, dtype=torch.int16)
+                for i, slot in enumerate(slots_list)
+            ]
+            or [torch.zeros(0, dtype=torch.int16)]
+        )
+        indices, values, slots = indices.to(self.device), values.to(self.device), slots.to(self.device)
+        originals = torch.empty_like(values)
+        with self.weights_lock:  # pristine base: no patch is swapped in while we hold it
+            for i, name in enumerate(names):
+                flat = self._parameters[name].detach().view(-1)
+                start, end = offsets[i], offsets[i + 1]
+                originals[start:end] = flat[indices[start:end]].to(packed_dtype)
+        label_ids = None
+        if patch.spec.mode == "prompt":
+            label_ids = torch.tensor(label_word_ids(self.base.tokenizer, patch.spec.label_words or ()))
+            label_ids = label_ids.to(self.device)
+        return EngineTask(
+            name=stored.name,
+            etag=stored.etag,
+            spec=patch.spec,
+            tokenization=tokenization,
+            metadata=patch.metadata(),
+            params=names,
+            offsets=tuple(offsets),
+            indices=indices,
+            values=values,
+            deltas=values - originals,
+            slots=slots,
+            value_dtypes=dtypes,
+            mixable=mixable,
+            label_ids=label_ids,
+            head={k: v.to(self.device) for k, v in patch.head.items()},
+        )
+
+
+__all__ = ["BaseMismatchError", "EngineTask", "PatchError", "TaskRegistry"]

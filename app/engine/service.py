@@ -1,0 +1,272 @@
+"""The serving service: "classify these texts with these tasks", plus task management, below any protocol.
+
+The REST routes call it today; a KServe v2 front will call the same methods. It validates limits, resolves
+tasks through the registry and tokenises in worker threads (never in the inference thread, never under the
+weight lock), then awaits the engine. Nothing here imports FastAPI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import torch
+
+from app.engine.engine import Engine, EngineConfig
+from app.engine.errors import InvalidInput, LimitExceeded, NotReady, TaskNotFound
+from app.engine.mixed import DeltaTargets
+from app.engine.registry import EngineTask, TaskRegistry
+from app.engine.store import LocalTaskStore, StoredPatch, TaskStore, check_task_name
+from app.grafting.base import BaseModel
+from app.grafting.heads import Encoded, Example
+
+
+@dataclass(frozen=True)
+class TextInput:
+    text: str
+    text_pair: str | None = None
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    score: float
+    probabilities: dict[str, float] | None = None
+
+
+@dataclass(frozen=True)
+class TaskPredictions:
+    task: str
+    predictions: list[Prediction]
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    max_inputs_per_request: int = 256
+    max_text_chars: int = 10_000
+    max_tasks_per_request: int = 16
+    max_patch_bytes: int = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What the API shows of a stored task: the patch's own metadata plus store facts and cache state."""
+
+    name: str
+    etag: str
+    size_bytes: int
+    modified_at: str
+    cached: bool
+    metadata: dict[str, Any]
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+class InferenceService:
+    """Owns the engine and the registry for one base model; ``close`` stops the engine."""
+
+    def __init__(
+        self,
+        base: BaseModel,
+        store: TaskStore,
+        limits: ServiceLimits,
+        engine_config: EngineConfig,
+        cache_bytes: int,
+        max_length: int,
+    ) -> None:
+        self.base = base
+        self.store = store
+        self.limits = limits
+        self.engine_config = engine_config
+        self.max_length = max_length
+        targets = DeltaTargets(base.encoder)
+        self.engine = Engine(base, engine_config, targets)
+        self.registry = TaskRegistry(store, base, targets, self.engine.weights_lock, cache_bytes, max_length)
+        self.device = str(self.engine.device)
+
+    @classmethod
+    def for_directory(
+        cls,
+        base: BaseModel,
+        store_dir: str | Path,
+        limits: ServiceLimits | None = None,
+        engine_config: EngineConfig | None = None,
+        cache_bytes: int = 256 * 2**20,
+        max_length: int = 128,
+    ) -> InferenceService:
+        return cls(
+            base,
+            LocalTaskStore(store_dir),
+            limits or ServiceLimits(),
+            engine_config or EngineConfig(),
+            cache_bytes,
+            max_length,
+        )
+
+    @property
+    def ready(self) -> bool:
+        return self.engine.running
+
+    def close(self) -> None:
+        self.engine.close()
+
+    # -- classification ----------------------------------------------------------------------------------------
+
+    async def classify(
+        self, tasks: Sequence[str], inputs: Sequence[TextInput], return_probabilities: bool = False
+    ) -> list[TaskPredictions]:
+        """Classify every input with every task: one engine submission for the whole request."""
+        if not self.ready:
+            raise NotReady("the inference engine is not running")
+        self.check_request(tasks, inputs)
+        rows, resolved = await anyio.to_thread.run_sync(self.prepare, list(tasks), list(inputs))
+        logits = await asyncio.wrap_future(self.engine.submit(rows))
+        return self.decode(resolved, len(inputs), logits, return_probabilities)
+
+    def classify_sync(
+        self, tasks: Sequence[str], inputs: Sequence[TextInput], return_probabilities: bool = False
+    ) -> list[TaskPredictions]:
+        self.check_request(tasks, inputs)
+        rows, resolved = self.prepare(list(tasks), list(inputs))
+        return self.decode(resolved, len(inputs), self.engine.run(rows), return_probabilities)
+
+    def check_request(self, tasks: Sequence[str], inputs: Sequence[TextInput]) -> None:
+        limits = self.limits
+        if not tasks:
+            raise InvalidInput("name at least one task")
+        if len(tasks) > limits.max_tasks_per_request:
+            raise LimitExceeded(f"{len(tasks)} tasks exceed max_tasks_per_request={limits.max_tasks_per_request}")
+        if len(set(tasks)) != len(tasks):
+            raise InvalidInput("tasks must be distinct")
+        for name in tasks:
+            check_task_name(name)
+        if not inputs:
+            raise InvalidInput("inputs must hold at least one text")
+        if len(inputs) > limits.max_inputs_per_request:
+            raise LimitExceeded(f"{len(inputs)} inputs exceed max_inputs_per_request={limits.max_inputs_per_request}")
+        for i, item in enumerate(inputs):
+            longest = max(len(item.text), len(item.text_pair or ""))
+            if longest > limits.max_text_chars:
+                raise LimitExceeded(
+                    f"inputs[{i}] has {longest} characters, over max_text_chars={limits.max_text_chars}"
+                )
+
+    def prepare(
+        self, tasks: list[str], inputs: list[TextInput]
+    ) -> tuple[list[tuple[EngineTask, Encoded]], list[EngineTask]]:
+        """Resolve tasks (loading on a miss) and tokenise: the blocking half of a request, run in a worker thread."""
+        resolved = [self.registry.lookup_cached(name) or self.registry.get(name) for name in tasks]
+        examples = [Example(item.text, -1, item.text_pair) for item in inputs]
+        rows: list[tuple[EngineTask, Encoded]] = []
+        for task in resolved:
+            rows.extend((task, encoded) for encoded in task.tokenization.encode_many(examples))
+        return rows, resolved
+
+    @staticmethod
+    def decode(
+        tasks: list[EngineTask], n_inputs: int, logits: list[torch.Tensor], return_probabilities: bool
+    ) -> list[TaskPredictions]:
+        out = []
+        for t, task in enumerate(tasks):
+            block = torch.stack(logits[t * n_inputs : (t + 1) * n_inputs]).double()
+            probabilities = torch.softmax(block, dim=-1).tolist()
+            labels = task.spec.labels
+            predictions = []
+            for row in probabilities:
+                best = max(range(len(row)), key=row.__getitem__)
+                shown = {label: p for label, p in zip(labels, row, strict=True)} if return_probabilities else None
+                predictions.append(Prediction(labels[best], row[best], shown))
+            out.append(TaskPredictions(task.name, predictions))
+        return out
+
+    # -- tasks -------------------------------------------------------------------------------------------------
+
+    def list_tasks(self) -> list[TaskInfo]:
+        infos = []
+        for name in self.store.list_names():
+            try:
+                infos.append(self.describe_task(name))
+            except TaskNotFound:  # deleted between listing and reading
+                continue
+        return infos
+
+    def describe_task(self, name: str) -> TaskInfo:
+        check_task_name(name)
+        stored = self.store.stat(name)
+        if stored is None:
+            raise TaskNotFound(f"task {name!r} not found")
+        return self._info(stored)
+
+    def put_patch(self, name: str, data: bytes, source: str = "upload") -> tuple[TaskInfo, bool]:
+        check_task_name(name)
+        if len(data) > self.limits.max_patch_bytes:
+            raise LimitExceeded(f"patch of {len(data)} bytes exceeds max_patch_bytes={self.limits.max_patch_bytes}")
+        stored, created = self.registry.put(name, data, source=source)
+        return self._info(stored), created
+
+    def delete_task(self, name: str) -> None:
+        self.registry.delete(name)
+
+    def patch_file(self, name: str) -> StoredPatch:
+        check_task_name(name)
+        stored = self.store.stat(name)
+        if stored is None:
+            raise TaskNotFound(f"task {name!r} not found")
+        return stored
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "base": {
+                "name": self.base.name,
+                "model_type": self.base.model_type,
+                "num_parameters": self.base.num_parameters,
+                "hidden_size": self.base.hidden_size,
+                "fingerprint": self.base.fingerprint,
+            },
+            "device": self.device,
+            "limits": {
+                "max_batch_size": self.engine_config.max_batch_size,
+                "max_batch_wait_ms": self.engine_config.max_batch_wait_ms,
+                "max_queue": self.engine_config.max_queue,
+                "max_inputs_per_request": self.limits.max_inputs_per_request,
+                "max_tasks_per_request": self.limits.max_tasks_per_request,
+                "max_text_chars": self.limits.max_text_chars,
+                "max_length": self.max_length,
+                "max_patch_bytes": self.limits.max_patch_bytes,
+                "patch_cache_bytes": self.registry.cache_bytes,
+            },
+            "engine": {
+                "policy": self.engine_config.policy,
+                "queued": self.engine.queued,
+                **vars(self.engine.stats),
+            },
+            "cache": self.registry.cache_info(),
+        }
+
+    def _info(self, stored: StoredPatch) -> TaskInfo:
+        metadata = self.store.read_header(stored.name)
+        # Floats such as NaN metrics would break JSON: show them as null.
+        metadata = _finite(metadata)
+        return TaskInfo(
+            name=stored.name,
+            etag=stored.etag,
+            size_bytes=stored.size,
+            modified_at=stored.modified_at,
+            cached=self.registry.is_cached(stored.name),
+            metadata=metadata,
+            record=self.store.read_record(stored.name),
+        )
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
