@@ -30,7 +30,28 @@ class Settings(BaseSettings):
     max_length: int = Field(128, ge=8, le=4096, description="Token length inputs are truncated to.")
     patch_cache_bytes: int = Field(256 * 2**20, ge=0, description="Byte budget of the in-memory patch cache (LRU).")
     max_queue: int = Field(4096, ge=1, description="Inputs waiting in the batcher before classify answers 429.")
+    max_tasks_per_request: int = Field(16, ge=1, le=1024, description="Tasks one classify request may name.")
+    max_patch_bytes: int = Field(256 * 2**20, ge=1024, description="Largest patch file PUT may upload (bytes).")
+    engine_policy: Literal["auto", "swap", "mixed"] = Field(
+        "auto",
+        description="How batches run: swap (one task per batch, bit-exact), mixed (one pass for many tasks), "
+        "auto (swap when one task fills most of a batch, else mixed).",
+    )
     redis_url: str | None = Field(None, description="Redis URL for RQ job workers; unset = in-process jobs.")
+    job_timeout_s: int = Field(3600, ge=10, description="Longest a localization job may run before it is stopped.")
+    job_retries: int = Field(2, ge=0, le=10, description="Times a job whose worker died or crashed is run again.")
+    job_lease_s: int = Field(
+        30,
+        ge=2,
+        le=3600,
+        description="A running job's heartbeat lease: a worker silent for "
+        "this long is presumed dead and its job is handed to another worker.",
+    )
+    worker_maintenance_s: int = Field(15, ge=1, le=3600, description="How often idle workers look for abandoned jobs.")
+    max_upload_bytes: int = Field(2 * 2**30, ge=1024, description="Largest accepted upload (checkpoint + data).")
+    keep_failed_uploads_h: float = Field(
+        72.0, ge=0, description="Hours a failed job's upload is kept for inspection (0 = delete at once)."
+    )
     host: str = Field("127.0.0.1", description="Address `skillgraft serve` binds.")
     port: int = Field(8000, ge=0, le=65535, description="Port `skillgraft serve` binds.")
 
@@ -43,6 +64,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_device(self) -> Settings:
+        if self.max_queue < self.max_batch_size:
+            raise ValueError(
+                f"SKILLGRAFT_MAX_QUEUE={self.max_queue} is smaller than SKILLGRAFT_MAX_BATCH_SIZE={self.max_batch_size}"
+            )
+        if self.store_dir.exists() and not self.store_dir.is_dir():
+            raise ValueError(f"SKILLGRAFT_STORE_DIR={self.store_dir} exists and is not a directory")
         if self.device == "cuda":
             import torch
 

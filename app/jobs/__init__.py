@@ -1,0 +1,1 @@
+"""Background localization jobs: records, their stores (files or Redis), runners (in-process or RQ)."""

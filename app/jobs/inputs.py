@@ -1,0 +1,148 @@
+"""Turning an upload (checkpoint + data + spec) into validated job inputs.
+
+The API runs this before queueing, so a bad upload is answered with a 4xx naming the problem; the job runs it
+again on the worker (cheap next to localization) so a worker never trusts what another process checked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from app.grafting.base import BaseModel, EligibleRule
+from app.grafting.checkpoint import Checkpoint, CheckpointError, load_checkpoint, split_for_base
+from app.grafting.data import DataError, read_user_data
+from app.grafting.heads import (
+    CLASSIFIER_TENSORS,
+    Example,
+    HeadError,
+    HeadSpec,
+    TaskModel,
+    default_classifier_kind,
+    detect_classifier_kind,
+)
+from app.jobs.models import TaskSpec
+
+
+class UploadError(ValueError):
+    """An upload that cannot become a task; ``field`` names the part of the request at fault."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass
+class JobInputs:
+    checkpoint: Checkpoint
+    head: HeadSpec
+    train: list[Example]
+    dev: list[Example]
+
+
+@dataclass(frozen=True)
+class UploadPaths:
+    """Files of one upload, as saved under ``<store>/uploads/<job id>/``."""
+
+    folder: Path
+
+    @property
+    def spec(self) -> Path:
+        return self.folder / "spec.json"
+
+    @property
+    def checkpoint(self) -> Path:
+        for name in ("checkpoint.safetensors", "checkpoint.zip"):
+            if (self.folder / name).is_file():
+                return self.folder / name
+        raise UploadError("checkpoint", "missing from the upload folder")
+
+    def data(self, which: str) -> Path | None:
+        for suffix in (".jsonl", ".csv"):
+            if (self.folder / f"{which}{suffix}").is_file():
+                return self.folder / f"{which}{suffix}"
+        return None
+
+
+def resolve_head(spec: TaskSpec, checkpoint: Checkpoint, model_type: str, data_labels: tuple[str, ...]) -> HeadSpec:
+    """The task's head: the spec's fields first, then what the checkpoint declares, then the data's labels."""
+    declared = None
+    try:
+        declared = checkpoint.head_spec(model_type)
+    except (HeadError, KeyError, ValueError) as exc:
+        raise UploadError("checkpoint", f"its head description is malformed: {exc}") from exc
+    mode = spec.mode or (declared.mode if declared else ("classifier" if checkpoint.head else "prompt"))
+    labels = tuple(spec.labels or (declared.labels if declared else data_labels))
+    try:
+        if mode == "prompt":
+            if checkpoint.head:
+                raise UploadError("spec", "prompt mode, but the checkpoint carries classifier head tensors")
+            template = spec.template or (declared.template if declared and declared.mode == "prompt" else None)
+            words = spec.label_words or (declared.label_words if declared and declared.mode == "prompt" else None)
+            if not template or not words:
+                raise UploadError("spec", "prompt mode needs 'template' and 'label_words' (or a checkpoint with them)")
+            return HeadSpec("prompt", labels, template, tuple(words))
+        kind = detect_classifier_kind(list(checkpoint.head))
+        if kind is None:
+            raise UploadError(
+                "checkpoint",
+                "classifier mode, but the checkpoint has no classifier head "
+                f"(expected e.g. {default_classifier_kind(model_type)} tensors)",
+            )
+        rows = checkpoint.head.get("classifier.weight", checkpoint.head.get("classifier.out_proj.weight"))
+        if rows is not None and rows.shape[0] != len(labels):
+            raise UploadError("spec", f"the classifier head has {rows.shape[0]} outputs, but {len(labels)} labels")
+        # Keep only the tensors of the detected kind (a BERT checkpoint may also hold unused extras).
+        return HeadSpec("classifier", labels, classifier_kind=kind)
+    except HeadError as exc:
+        raise UploadError("spec", str(exc)) from exc
+
+
+def load_job_inputs(paths: UploadPaths, spec: TaskSpec, base: BaseModel, extract_dir: Path) -> JobInputs:
+    """Read and check everything an upload holds against the base; raise UploadError naming the first problem."""
+    try:
+        EligibleRule.parse(spec.eligible)
+    except ValueError as exc:
+        raise UploadError("spec", str(exc)) from exc
+    try:
+        checkpoint = split_for_base(load_checkpoint(paths.checkpoint, extract_dir=extract_dir), base)
+    except CheckpointError as exc:
+        raise UploadError("checkpoint", str(exc)) from exc
+    train_path = paths.data("train")
+    if train_path is None:
+        raise UploadError("train", "training data is missing")
+    declared = None
+    try:
+        declared = checkpoint.head_spec(base.model_type)
+    except (HeadError, KeyError, ValueError):
+        declared = None
+    known_labels = spec.labels or (list(declared.labels) if declared else None)
+    try:
+        train, data_labels = read_user_data(train_path, known_labels)
+    except DataError as exc:
+        raise UploadError("train", str(exc)) from exc
+    head = resolve_head(spec, checkpoint, base.model_type, data_labels)
+    if known_labels is None and head.labels != data_labels:
+        train, _ = read_user_data(train_path, head.labels)
+    dev: list[Example] = []
+    dev_path = paths.data("dev")
+    if dev_path is not None:
+        try:
+            dev, _ = read_user_data(dev_path, head.labels)
+        except DataError as exc:
+            raise UploadError("dev", str(exc)) from exc
+    try:
+        TaskModel(base.encoder, head, base.tokenizer, head_tensors_for(checkpoint, head))
+    except HeadError as exc:
+        raise UploadError("spec", str(exc)) from exc
+    return JobInputs(checkpoint, head, train, dev)
+
+
+def head_tensors_for(checkpoint: Checkpoint, head: HeadSpec) -> dict[str, torch.Tensor]:
+    """The checkpoint's head tensors that the head kind uses (what the patch carries densely)."""
+    if head.mode == "prompt" or head.classifier_kind is None:
+        return {}
+    return {name: checkpoint.head[name] for name in CLASSIFIER_TENSORS[head.classifier_kind]}

@@ -1,0 +1,105 @@
+"""Job records and the task spec a user submits with a checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+TASK_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+_TASK_NAME = re.compile(TASK_NAME_PATTERN)
+
+
+class JobState(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.succeeded, JobState.failed, JobState.cancelled)
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+class TaskSpec(BaseModel):
+    """What to build from an uploaded checkpoint: the task's name, head and localization settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field(..., description="Task name: lowercase letters, digits, '_', '.', '-'", examples=["sst2"])
+    mode: Literal["prompt", "classifier"] | None = Field(
+        None, description="Head mode; default: what the checkpoint's config declares"
+    )
+    labels: list[str] | None = Field(None, description="Label names in id order; default: from the checkpoint/data")
+    template: str | None = Field(None, description="Prompt template with {text}, optional {text_pair}, {mask}")
+    label_words: list[str] | None = Field(None, description="One label word per label (prompt mode)")
+    sparsity: float = Field(1e-2, gt=0, le=1, description="Mask size as a fraction of the eligible set")
+    steps: int = Field(10, ge=0, le=1000, description="Mask optimisation steps (learned method)")
+    method: Literal["learned", "topk", "random", "dataless"] = "learned"
+    eligible: str = Field("layers", description="Eligible-set rule, e.g. 'layers' or 'layers,bias-only'")
+    seed: int = 0
+    replace: bool = Field(False, description="Replace an existing task of the same name")
+
+    @field_validator("task")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not _TASK_NAME.match(value):
+            raise ValueError(f"task name must match {TASK_NAME_PATTERN}")
+        return value
+
+    @model_validator(mode="after")
+    def _prompt_words(self) -> TaskSpec:
+        if self.label_words is not None and self.labels is not None and len(self.label_words) != len(self.labels):
+            raise ValueError("label_words must give one word per label")
+        return self
+
+    def content_hash(self) -> str:
+        """Hash of everything that changes the result (``replace`` does not)."""
+        data = self.model_dump(exclude={"replace"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+class JobProgress(BaseModel):
+    phase: str = "queued"
+    step: int = 0
+    total: int = 0
+    loss: float | None = None
+    train_accuracy: float | None = None
+    dev_accuracy: float | None = None
+    mask_size: int | None = None
+    updated_at: str = Field(default_factory=utc_now)
+
+
+class JobRecord(BaseModel):
+    id: str
+    task: str
+    state: JobState = JobState.queued
+    progress: JobProgress = Field(default_factory=JobProgress)
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    spec: TaskSpec
+    created_at: str = Field(default_factory=utc_now)
+    updated_at: str = Field(default_factory=utc_now)
+    started_at: str | None = None
+    finished_at: str | None = None
+    attempts: int = 0
+    timings: dict[str, float] = Field(default_factory=dict)
+
+
+def job_id_for(checkpoint_sha256: str, train_sha256: str, dev_sha256: str | None, spec: TaskSpec) -> str:
+    """Content address of a job: same checkpoint, data and spec give the same id."""
+    digest = hashlib.sha256()
+    for part in (checkpoint_sha256, train_sha256, dev_sha256 or "-", spec.content_hash()):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:32]

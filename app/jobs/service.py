@@ -1,0 +1,247 @@
+"""Job submission and lookup below HTTP: the API routes and the CLI call these, never the runners directly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from app.config import Settings
+from app.engine.errors import LimitExceeded, ServiceError
+from app.engine.store import LocalTaskStore
+from app.grafting.base import BaseModel, load_base
+from app.jobs.inputs import UploadError, UploadPaths, load_job_inputs
+from app.jobs.models import JobRecord, JobState, TaskSpec, job_id_for
+from app.jobs.runner import InProcessRunner, JobRunner, RQRunner
+from app.jobs.store import FileJobStore, JobStore, RedisJobStore
+from app.jobs.work import JobContext, sweep_failed_uploads
+
+log = logging.getLogger("skillgraft.jobs")
+TASK_CHANNEL = "skillgraft:tasks"
+CHUNK = 1 << 20
+
+
+class JobNotFound(ServiceError):
+    code = "job_not_found"
+
+
+class TaskExists(ServiceError):
+    """The name is taken and the submission did not ask to replace it."""
+
+    code = "task_exists"
+
+
+class InvalidUpload(ServiceError):
+    """An upload that cannot become a task; the message names the part and the problem."""
+
+    code = "invalid_upload"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class UnsupportedUpload(InvalidUpload):
+    """Pickle checkpoints (and other formats that would need unpickling) are refused outright."""
+
+    code = "unsupported_upload"
+
+
+class QueueUnavailable(ServiceError):
+    """The job queue (Redis) cannot be reached: submissions fail cleanly, serving goes on."""
+
+    code = "queue_unavailable"
+
+
+class Staging:
+    """One upload being received: files stream into a private folder with a running size count and hashes."""
+
+    def __init__(self, uploads_dir: Path, max_bytes: int) -> None:
+        self.folder = uploads_dir / f".incoming-{uuid.uuid4().hex}"
+        self.folder.mkdir(parents=True)
+        self.max_bytes = max_bytes
+        self.received = 0
+        self.hashes: dict[str, str] = {}
+
+    def save(self, name: str, source: BinaryIO) -> Path:
+        target = self.folder / name
+        digest = hashlib.sha256()
+        with target.open("wb") as out:
+            while block := source.read(CHUNK):
+                self.received += len(block)
+                if self.received > self.max_bytes:
+                    raise LimitExceeded(f"upload is larger than max_upload_bytes={self.max_bytes}")
+                digest.update(block)
+                out.write(block)
+        self.hashes[name] = digest.hexdigest()
+        return target
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class JobService:
+    """Validates uploads with the serving base (read only), stores job records, hands jobs to the runner."""
+
+    def __init__(
+        self, settings: Settings, base: BaseModel, tasks: LocalTaskStore, jobs: JobStore, runner: JobRunner
+    ) -> None:
+        self.settings = settings
+        self.base = base
+        self.tasks = tasks
+        self.jobs = jobs
+        self.runner = runner
+        self.uploads_dir = settings.store_dir / "uploads"
+        self.uploads_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def backend(self) -> str:
+        return self.runner.backend
+
+    def staging(self) -> Staging:
+        return Staging(self.uploads_dir, self.settings.max_upload_bytes)
+
+    def submit(self, staging: Staging, spec: TaskSpec) -> tuple[JobRecord, bool]:
+        """Validate a received upload and queue its job. Returns (record, created); an identical earlier
+        submission returns its job (or the finished task's job) instead of a new one."""
+        try:
+            return self._submit(staging, spec)
+        finally:
+            staging.discard()
+
+    def _submit(self, staging: Staging, spec: TaskSpec) -> tuple[JobRecord, bool]:
+        checkpoint_name = next((n for n in staging.hashes if n.startswith("checkpoint")), None)
+        train_name = next((n for n in staging.hashes if n.startswith("train")), None)
+        if checkpoint_name is None or train_name is None:
+            raise InvalidUpload("checkpoint" if checkpoint_name is None else "train", "is required")
+        dev_name = next((n for n in staging.hashes if n.startswith("dev")), None)
+        job_id = job_id_for(
+            staging.hashes[checkpoint_name],
+            staging.hashes[train_name],
+            staging.hashes.get(dev_name) if dev_name else None,
+            spec,
+        )
+        existing = self._jobs_call(self.jobs.get, job_id)
+        if existing is not None and existing.state not in (JobState.failed, JobState.cancelled):
+            return existing, False
+        stored = self.tasks.stat(spec.task)
+        if stored is not None and not spec.replace:
+            raise TaskExists(f"task {spec.task!r} exists; submit with replace=true to replace it")
+        (staging.folder / "spec.json").write_text(spec.model_dump_json())
+        try:
+            load_job_inputs(UploadPaths(staging.folder), spec, self.base, staging.folder / "extracted")
+        except UploadError as exc:
+            error = UnsupportedUpload if "pickle" in exc.message else InvalidUpload
+            raise error(exc.field, exc.message) from exc
+        shutil.rmtree(staging.folder / "extracted", ignore_errors=True)
+        target = self.uploads_dir / job_id
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging.folder, target)
+        record = JobRecord(id=job_id, task=spec.task, spec=spec)
+        if existing is not None:
+            self._jobs_call(self.jobs.delete, job_id)
+        self._jobs_call(self.jobs.create, record)
+        try:
+            self.runner.submit(job_id)
+        except Exception as exc:
+            self._jobs_call(self.jobs.update, job_id, state=JobState.failed, error=f"could not queue: {exc}")
+            raise QueueUnavailable(f"the job queue is unavailable: {exc}") from exc
+        sweep_failed_uploads(self._sweeper_context())
+        return record, True
+
+    def get(self, job_id: str) -> JobRecord:
+        record = self._jobs_call(self.jobs.get, job_id) if job_id.isalnum() else None
+        if record is None:
+            raise JobNotFound(f"job {job_id[:64]!r} not found")
+        return record
+
+    def list(self, state: JobState | None = None, limit: int = 50) -> list[JobRecord]:
+        return self._jobs_call(self.jobs.list, state, limit)
+
+    def cancel(self, job_id: str) -> JobRecord:
+        record = self.get(job_id)
+        if record.state.finished:
+            return record
+        updated = self._jobs_call(self.jobs.update, job_id, state=JobState.cancelled, error="cancelled")
+        try:
+            self.runner.cancel(job_id)
+        except Exception:  # the record already says cancelled; a running job stops at its next step
+            log.exception("runner could not cancel %s", job_id)
+        return updated or record
+
+    def _jobs_call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except ServiceError:
+            raise
+        except (ConnectionError, OSError) as exc:
+            raise QueueUnavailable(f"the job store is unavailable: {exc}") from exc
+        except Exception as exc:
+            if type(exc).__module__.startswith("redis"):
+                raise QueueUnavailable(f"the job store (Redis) is unavailable: {exc}") from exc
+            raise
+
+    def _sweeper_context(self) -> JobContext:
+        return JobContext(
+            lambda: self.base,
+            self.tasks,
+            self.jobs,
+            self.uploads_dir,
+            failed_upload_retention_h=self.settings.keep_failed_uploads_h,
+        )
+
+
+def connect_redis(url: str) -> Any:
+    import redis
+
+    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10, health_check_interval=30)
+
+
+def build_worker_context(settings: Settings, base: BaseModel | None = None) -> JobContext:
+    """The context an RQ worker process runs jobs with: its own base, the shared store, the Redis job store."""
+    if settings.redis_url is None:
+        raise ValueError("a worker needs SKILLGRAFT_REDIS_URL")
+    redis = connect_redis(settings.redis_url)
+    loaded = base
+
+    def loader() -> BaseModel:
+        return loaded if loaded is not None else load_base(settings.base_model, settings.device)
+
+    return JobContext(
+        base_loader=loader,
+        tasks=LocalTaskStore(settings.store_dir),
+        jobs=RedisJobStore(redis),
+        uploads_dir=settings.store_dir / "uploads",
+        failed_upload_retention_h=settings.keep_failed_uploads_h,
+        on_task_written=lambda name: redis.publish(TASK_CHANNEL, json.dumps({"task": name})),
+    )
+
+
+def build_job_service(settings: Settings, base: BaseModel, tasks: LocalTaskStore) -> JobService:
+    """The backend the settings choose: RQ on Redis when ``redis_url`` is set, else the in-process runner
+    (which loads its own copy of the base on its first job: localization writes into the base it uses)."""
+    if settings.redis_url:
+        redis = connect_redis(settings.redis_url)
+        jobs: JobStore = RedisJobStore(redis)
+        runner: JobRunner = RQRunner(redis, settings.job_timeout_s, settings.job_retries)
+        return JobService(settings, base, tasks, jobs, runner)
+    jobs = FileJobStore(settings.store_dir / "jobs")
+    ctx = JobContext(
+        base_loader=lambda: load_base(settings.base_model, settings.device),
+        tasks=tasks,
+        jobs=jobs,
+        uploads_dir=settings.store_dir / "uploads",
+        failed_upload_retention_h=settings.keep_failed_uploads_h,
+    )
+    in_process = InProcessRunner(ctx)
+    resumed = in_process.resume_unfinished()
+    if resumed:
+        log.info("resumed %d unfinished job(s): %s", len(resumed), ", ".join(resumed))
+    return JobService(settings, base, tasks, jobs, in_process)

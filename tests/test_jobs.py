@@ -1,0 +1,195 @@
+"""The job system below HTTP: submission checks, the in-process runner end to end, cancellation, Redis store."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from app.config import Settings
+from app.engine.errors import LimitExceeded
+from app.engine.store import LocalTaskStore
+from app.grafting.base import BaseModel
+from app.grafting.patch import load_patch, validate_patch
+from app.jobs.models import JobRecord, JobState
+from app.jobs.service import (
+    InvalidUpload,
+    JobService,
+    TaskExists,
+    UnsupportedUpload,
+    build_job_service,
+    connect_redis,
+)
+from app.jobs.store import RedisJobStore
+from tests.utils.uploads import jsonl, spec, stage, write_checkpoint
+
+REDIS_URL = os.environ.get("SKILLGRAFT_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+
+
+@pytest.fixture
+def service(tiny_base: BaseModel, tiny_base_dir: Path, tmp_path: Path) -> JobService:
+    settings = Settings(base_model=tiny_base_dir, store_dir=tmp_path / "store", max_upload_bytes=20 * 2**20)
+    svc = build_job_service(settings, tiny_base, LocalTaskStore(settings.store_dir))
+    yield svc
+    svc.runner.close()
+
+
+@pytest.fixture
+def checkpoint(tiny_base: BaseModel, tmp_path: Path) -> Path:
+    return write_checkpoint(tiny_base, tmp_path / "ckpt")
+
+
+def wait_for(service: JobService, job_id: str, timeout: float = 60) -> JobRecord:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = service.get(job_id)
+        if record.state.finished:
+            return record
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} still {service.get(job_id).state} after {timeout}s")
+
+
+def leftovers(service: JobService) -> list[str]:
+    return [p.name for p in service.uploads_dir.iterdir()]
+
+
+def test_in_process_job_end_to_end(service: JobService, checkpoint: Path, tiny_base: BaseModel) -> None:
+    record, created = service.submit(stage(service, checkpoint, jsonl(), jsonl(8)), spec())
+    assert created and record.state == JobState.queued
+    done = wait_for(service, record.id)
+    assert done.state == JobState.succeeded, done.error
+    assert done.result and done.result["task"] == "tiny" and done.result["mask_size"] > 0
+    assert set(done.timings) >= {"load", "localize", "evaluate", "write"}
+    assert done.progress.phase == "succeeded"
+    patch = load_patch(service.tasks.patch_path("tiny"))
+    validate_patch(patch, tiny_base.parameters, tiny_base.fingerprint, tiny_base.hidden_size)
+    assert patch.metrics["evaluated_on"] == "dev" and "acc_graft" in patch.metrics
+    assert patch.extra["job"] == record.id
+    assert leftovers(service) == [], "the upload is removed after success"
+    # resubmitting the same content returns the existing job, not a new one
+    again, created = service.submit(stage(service, checkpoint, jsonl(), jsonl(8)), spec(replace=True))
+    assert (again.id, created) == (record.id, False)
+
+
+def test_name_taken_needs_replace(service: JobService, checkpoint: Path) -> None:
+    first, _ = service.submit(stage(service, checkpoint, jsonl()), spec("taken"))
+    assert wait_for(service, first.id).state == JobState.succeeded
+    with pytest.raises(TaskExists, match="replace=true"):
+        service.submit(stage(service, checkpoint, jsonl(20)), spec("taken"))
+    second, created = service.submit(stage(service, checkpoint, jsonl(20)), spec("taken", replace=True))
+    assert created and wait_for(service, second.id).state == JobState.succeeded
+    assert leftovers(service) == []
+
+
+def _checkpoint_with(base: BaseModel, tmp_path: Path, name: str, edit) -> Path:  # type: ignore[no-untyped-def]
+    tensors = {k: v.clone() for k, v in base.parameters.items()}
+    edit(tensors)
+    path = tmp_path / f"{name}.safetensors"
+    save_file(tensors, str(path))
+    return path
+
+
+def test_bad_uploads_are_refused_and_leave_nothing(
+    service: JobService, checkpoint: Path, tiny_base: BaseModel, tmp_path: Path
+) -> None:
+    def shape(t: dict[str, torch.Tensor]) -> None:
+        t["encoder.layer.0.output.dense.weight"] = torch.zeros(2, 2)
+
+    def nan(t: dict[str, torch.Tensor]) -> None:
+        t["encoder.layer.1.output.dense.bias"][0] = float("nan")
+
+    def dtype(t: dict[str, torch.Tensor]) -> None:
+        t["encoder.layer.1.output.dense.bias"] = t["encoder.layer.1.output.dense.bias"].double()
+
+    cases = [
+        (
+            UnsupportedUpload,
+            "pickle",
+            stage(service, b"\x80\x02}q\x00.", jsonl(), checkpoint_name="checkpoint.safetensors"),
+        ),
+        (
+            InvalidUpload,
+            r"output.dense.weight: shape \(2, 2\)",
+            stage(service, _checkpoint_with(tiny_base, tmp_path, "s", shape), jsonl()),
+        ),
+        (InvalidUpload, "NaN or Inf", stage(service, _checkpoint_with(tiny_base, tmp_path, "n", nan), jsonl())),
+        (
+            InvalidUpload,
+            "dtype torch.float64",
+            stage(service, _checkpoint_with(tiny_base, tmp_path, "d", dtype), jsonl()),
+        ),
+        (InvalidUpload, "train: .*no examples", stage(service, checkpoint, b"")),
+        (InvalidUpload, "train: .*line 1: not valid JSON", stage(service, checkpoint, b"{oops")),
+        (
+            InvalidUpload,
+            "train: .*label 'maybe' is not one of",
+            stage(service, checkpoint, jsonl(labels=("neg", "maybe"))),
+        ),
+        (InvalidUpload, "dev: .*'label' is missing", stage(service, checkpoint, jsonl(), b'{"text": "x"}')),
+    ]
+    for error, message, staged in cases:
+        with pytest.raises(error, match=message):
+            service.submit(staged, spec(labels=["neg", "pos"]))
+    with pytest.raises(InvalidUpload, match="label words|label word"):
+        service.submit(stage(service, checkpoint, jsonl()), spec(label_words=["terrible", "zzzqqq"]))
+    with pytest.raises(LimitExceeded, match="max_upload_bytes"):
+        stage(service, b"x" * (21 * 2**20), jsonl())
+    assert [p for p in leftovers(service) if not p.startswith(".incoming")] == []
+    assert service.tasks.list_names() == []
+    assert service.list() == []
+
+
+def test_classifier_head_must_match_labels(service: JobService, tiny_base: BaseModel, tmp_path: Path) -> None:
+    ckpt = write_checkpoint(tiny_base, tmp_path / "cls", mode="classifier")
+    with pytest.raises(InvalidUpload, match="2 outputs, but 3 labels"):
+        service.submit(
+            stage(service, ckpt, jsonl(labels=("a", "b", "c"))), spec(mode="classifier", labels=["a", "b", "c"])
+        )
+    record, _ = service.submit(stage(service, ckpt, jsonl()), spec("cls", mode="classifier"))
+    done = wait_for(service, record.id)
+    assert done.state == JobState.succeeded, done.error
+    assert load_patch(service.tasks.patch_path("cls")).spec.mode == "classifier"
+
+
+def test_cancel_a_running_job(service: JobService, checkpoint: Path) -> None:
+    record, _ = service.submit(stage(service, checkpoint, jsonl(64)), spec("slow", steps=400))
+    deadline = time.monotonic() + 30
+    while service.get(record.id).state != JobState.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    cancelled = service.cancel(record.id)
+    assert cancelled.state == JobState.cancelled
+    assert wait_for(service, record.id).state == JobState.cancelled
+    time.sleep(0.5)
+    assert service.get(record.id).state == JobState.cancelled
+    assert service.tasks.stat("slow") is None
+
+
+@pytest.fixture
+def redis_store() -> RedisJobStore:
+    redis = connect_redis(REDIS_URL)
+    try:
+        redis.ping()
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        pytest.fail(f"Redis at {REDIS_URL} is not answering ({exc}); scripts/test.sh starts one")
+    redis.flushdb()
+    return RedisJobStore(redis)
+
+
+def test_redis_job_store_round_trip(redis_store: RedisJobStore) -> None:
+    record = JobRecord(id="abc123", task="t", spec=spec("t"))
+    assert redis_store.create(record) and not redis_store.create(record)
+    redis_store.update("abc123", state=JobState.running, progress={"step": 3, "total": 10})
+    got = redis_store.get("abc123")
+    assert got is not None and got.state == JobState.running and got.progress.step == 3
+    redis_store.update("abc123", state=JobState.cancelled)
+    redis_store.update("abc123", state=JobState.running, progress={"step": 4})  # a late report: ignored
+    got = redis_store.get("abc123")
+    assert got is not None and got.state == JobState.cancelled and got.progress.step == 3
+    assert [r.id for r in redis_store.list()] == ["abc123"]
+    assert redis_store.list(JobState.running) == []
+    redis_store.delete("abc123")
+    assert redis_store.get("abc123") is None
