@@ -24,6 +24,7 @@ from app.engine.registry import EngineTask, TaskRegistry
 from app.engine.store import LocalTaskStore, StoredPatch, TaskStore, check_task_name
 from app.grafting.base import BaseModel
 from app.grafting.heads import Encoded, Example
+from app.grafting.patch import PatchError
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class TaskInfo:
     cached: bool
     metadata: dict[str, Any]
     record: dict[str, Any] = field(default_factory=dict)
+    problem: str | None = None
 
 
 class InferenceService:
@@ -248,9 +250,12 @@ class InferenceService:
         }
 
     def _info(self, stored: StoredPatch) -> TaskInfo:
-        metadata = self.store.read_header(stored.name)
-        # Floats such as NaN metrics would break JSON: show them as null.
-        metadata = _finite(metadata)
+        problem = None
+        try:
+            # Floats such as NaN metrics would break JSON: show them as null.
+            metadata = _finite(self.store.read_header(stored.name))
+        except PatchError as exc:  # a file another process wrote badly: list it, say why it cannot serve
+            metadata, problem = {}, str(exc)
         return TaskInfo(
             name=stored.name,
             etag=stored.etag,
@@ -259,6 +264,7 @@ class InferenceService:
             cached=self.registry.is_cached(stored.name),
             metadata=metadata,
             record=self.store.read_record(stored.name),
+            problem=problem,
         )
 
 

@@ -1,0 +1,1 @@
+"""HTTP layer: routes, schemas, dependencies and the error mapping. It never touches tensors."""

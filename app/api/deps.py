@@ -1,0 +1,29 @@
+"""Dependencies as ``Annotated`` aliases, so route signatures read like prose."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Path, Request
+
+from app.engine.errors import NotReady
+from app.engine.service import InferenceService
+from app.engine.store import TASK_NAME_PATTERN
+
+
+def get_service(request: Request) -> InferenceService:
+    service: InferenceService | None = getattr(request.app.state, "service", None)
+    if service is None or not service.ready:
+        raise NotReady("the service is starting or stopping")
+    return service
+
+
+ServiceDep = Annotated[InferenceService, Depends(get_service)]
+TaskName = Annotated[
+    str,
+    Path(
+        pattern=TASK_NAME_PATTERN.pattern,
+        description="Task name: 1-64 characters from a-z, 0-9, '_', '.', '-', starting with a letter or digit.",
+        examples=["sst2"],
+    ),
+]

@@ -1,0 +1,108 @@
+"""The one place where errors become HTTP responses: ``{"error": {"code": ..., "message": ...}}``.
+
+No traceback reaches a client: unexpected exceptions are logged here and answered with a generic 500.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.engine.errors import (
+    InferenceFailed,
+    InvalidInput,
+    InvalidTaskName,
+    LimitExceeded,
+    NotReady,
+    Overloaded,
+    ServiceError,
+    TaskNotFound,
+    TaskUnusable,
+)
+from app.grafting.patch import BaseMismatchError, PatchError
+
+log = logging.getLogger(__name__)
+
+# Error type -> HTTP status; the most specific class wins (lookup walks the exception's MRO).
+STATUS: dict[type[Exception], int] = {
+    TaskNotFound: 404,
+    InvalidTaskName: 422,
+    InvalidInput: 422,
+    LimitExceeded: 413,
+    TaskUnusable: 409,
+    BaseMismatchError: 409,
+    PatchError: 400,
+    Overloaded: 429,
+    NotReady: 503,
+    InferenceFailed: 500,
+}
+CODES: dict[type[Exception], str] = {BaseMismatchError: "base_mismatch", PatchError: "invalid_patch"}
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "limit_exceeded", 415: "unsupported_media_type"}
+
+
+def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
+    return {"error": {"code": code, "message": message}}
+
+
+def status_of(exc: Exception) -> tuple[int, str]:
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            code = CODES.get(cls) or getattr(exc, "code", "error")
+            return STATUS[cls], code
+    return 500, "internal_error"
+
+
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
+    status, code = status_of(exc)
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    return JSONResponse(error_body(code, str(exc)), status_code=status, headers=headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = []
+    for item in exc.errors()[:5]:
+        where = ".".join(str(part) for part in item.get("loc", ()))
+        problems.append(f"{where}: {item.get('msg', 'invalid')}")
+    return JSONResponse(error_body("validation_error", "; ".join(problems) or "invalid request"), status_code=422)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = HTTP_CODES.get(exc.status_code, "http_error")
+    return JSONResponse(
+        error_body(code, str(exc.detail)), status_code=exc.status_code, headers=getattr(exc, "headers", None)
+    )
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(PatchError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+
+
+# The error responses each route documents in the OpenAPI schema.
+def responses(*statuses: int) -> dict[int | str, dict[str, object]]:
+    descriptions = {
+        400: "Malformed patch (the message names the problem)",
+        404: "Unknown task",
+        409: "Patch made for another base model, or a stored patch that is unusable",
+        413: "Over a configured limit (named in the message)",
+        422: "Malformed request body or task name",
+        429: "Batcher queue full: retry later",
+        503: "Not ready",
+    }
+    from app.api.schemas import ErrorResponse
+
+    return {status: {"model": ErrorResponse, "description": descriptions[status]} for status in statuses}

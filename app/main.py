@@ -1,0 +1,74 @@
+"""The FastAPI application: assembled here, nothing else (``create_app`` is uvicorn's factory)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+from fastapi import FastAPI
+
+from app import __version__
+from app.api.errors import install_error_handlers
+from app.api.routes import classify, health, info, tasks
+from app.config import Settings, get_settings
+from app.engine.engine import EngineConfig
+from app.engine.service import InferenceService, ServiceLimits
+from app.grafting.base import load_base
+
+log = logging.getLogger("skillgraft")
+
+
+def build_service(settings: Settings) -> InferenceService:
+    """Load the base once and start the engine: blocking, seconds (run it off the event loop)."""
+    base = load_base(settings.base_model, settings.device)
+    limits = ServiceLimits(
+        max_inputs_per_request=settings.max_inputs_per_request,
+        max_text_chars=settings.max_text_chars,
+        max_tasks_per_request=settings.max_tasks_per_request,
+        max_patch_bytes=settings.max_patch_bytes,
+    )
+    engine_config = EngineConfig(
+        max_batch_size=settings.max_batch_size,
+        max_batch_wait_ms=settings.max_batch_wait_ms,
+        max_queue=settings.max_queue,
+        policy=settings.engine_policy,
+    )
+    return InferenceService.for_directory(
+        base, settings.store_dir, limits, engine_config, settings.patch_cache_bytes, settings.max_length
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service = await anyio.to_thread.run_sync(build_service, settings)
+        log.info(
+            "skillgraft ready: base %s (%s) on %s, store %s",
+            service.base.name,
+            service.base.fingerprint[:19],
+            service.device,
+            settings.store_dir,
+        )
+        app.state.service = service
+        try:
+            yield
+        finally:
+            app.state.service = None
+            await anyio.to_thread.run_sync(service.close)
+
+    app = FastAPI(
+        title="skillgraft",
+        version=__version__,
+        description="One pretrained transformer in memory, many tasks as sparse graft patches applied per request.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.service = None
+    install_error_handlers(app)
+    for module in (health, info, tasks, classify):
+        app.include_router(module.router)
+    return app
