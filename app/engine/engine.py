@@ -201,6 +201,10 @@ class Engine:
         return [queue.popleft() for _ in range(min(limit, len(queue)))]
 
     def _run_batch(self, rows: list[_Row]) -> None:
+        # Rows of a request that already failed (another of its batches raised) are not worth a forward pass.
+        rows = [row for row in rows if not row.ticket.future.done()]
+        if not rows:
+            return
         groups: dict[int, list[int]] = {}
         for i, row in enumerate(rows):
             groups.setdefault(id(row.task), []).append(i)

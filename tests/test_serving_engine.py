@@ -1,0 +1,165 @@
+"""Engine maths: swap is bit-exact, mixed is exact up to rounding, the base is always restored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.engine.errors import InferenceFailed
+from app.engine.service import InferenceService, TextInput
+from app.grafting.base import BaseModel
+from app.grafting.heads import HeadSpec
+from app.grafting.patch import GraftPatch, build_patch, patch_to_bytes
+from tests.utils.serving import TEXTS, Reference, checksum, make_service
+from tests.utils.tiny import make_patch, random_finetune
+
+MODES = ("prompt", "classifier", "prompt", "classifier")
+
+
+def upload(service: InferenceService, patch: GraftPatch) -> None:
+    service.put_patch(patch.task, patch_to_bytes(patch))
+
+
+def engine_logits(service: InferenceService, task: str, texts: tuple[str, ...]) -> torch.Tensor:
+    rows, _ = service.prepare([task], [TextInput(t) for t in texts])
+    return torch.stack(service.engine.run(rows, timeout=60))
+
+
+@pytest.fixture
+def patches(tiny_base: BaseModel) -> list[GraftPatch]:
+    return [make_patch(tiny_base, f"t{i}", mode, 0.02, seed=i + 1) for i, mode in enumerate(MODES)]
+
+
+def test_swap_is_bit_exact_against_the_materialized_graft(
+    tiny_base: BaseModel, patches: list[GraftPatch], tmp_path: Path
+) -> None:
+    before = checksum(tiny_base)
+    service = make_service(tiny_base, tmp_path, policy="swap")
+    try:
+        for patch in patches:
+            upload(service, patch)
+            got = engine_logits(service, patch.task, TEXTS)
+            want = Reference(tiny_base, patch).logits(TEXTS)
+            assert torch.equal(got, want), patch.task
+        assert service.engine.stats.swap_batches == len(patches)
+    finally:
+        service.close()
+    assert checksum(tiny_base) == before
+
+
+def test_mixed_matches_the_materialized_graft(tiny_base: BaseModel, patches: list[GraftPatch], tmp_path: Path) -> None:
+    before = checksum(tiny_base)
+    service = make_service(tiny_base, tmp_path, policy="mixed")
+    try:
+        for patch in patches:
+            upload(service, patch)
+        references = {p.task: Reference(tiny_base, p).logits(TEXTS) for p in patches}
+        # One request, every task: a single forward pass holding rows of four tasks in both head modes.
+        tasks = [p.task for p in patches]
+        rows, _ = service.prepare(tasks, [TextInput(t) for t in TEXTS])
+        logits = service.engine.run(rows, timeout=60)
+        assert service.engine.stats.mixed_batches == 1 and service.engine.stats.swap_batches == 0
+        for i, task in enumerate(tasks):
+            got = torch.stack(logits[i * len(TEXTS) : (i + 1) * len(TEXTS)])
+            torch.testing.assert_close(got, references[task], rtol=0, atol=1e-5)
+            # the graft changes the output: the deltas really were added
+            assert not torch.allclose(got, Reference(tiny_base, _empty(patches[i])).logits(TEXTS), atol=1e-4)
+    finally:
+        service.close()
+    assert checksum(tiny_base) == before
+
+
+def _empty(patch: GraftPatch) -> GraftPatch:
+    return GraftPatch(patch.task, patch.spec, patch.base_fingerprint, {}, dict(patch.head))
+
+
+def test_a_task_touching_embeddings_runs_by_swap_inside_a_mixed_batch(tiny_base: BaseModel, tmp_path: Path) -> None:
+    ft = random_finetune(tiny_base, seed=5)
+    name = "embeddings.word_embeddings.weight"
+    ft[name] = tiny_base.parameters[name].detach() + 0.05
+    mask = {name: torch.rand(tiny_base.parameters[name].shape, generator=torch.Generator().manual_seed(0)) < 0.01}
+    mask["encoder.layer.0.output.dense.weight"] = torch.ones_like(
+        tiny_base.parameters["encoder.layer.0.output.dense.weight"], dtype=torch.bool
+    )
+    spec = HeadSpec("prompt", ("negative", "positive"), "{text} It was {mask} .", ("terrible", "great"))
+    odd = build_patch(tiny_base.parameters, ft, mask, task="odd", spec=spec, base_fingerprint=tiny_base.fingerprint)
+    plain = make_patch(tiny_base, "plain", "prompt", 0.02)
+    service = make_service(tiny_base, tmp_path, policy="mixed")
+    try:
+        upload(service, odd)
+        upload(service, plain)
+        assert not service.registry.get("odd").mixable and service.registry.get("plain").mixable
+        rows, _ = service.prepare(["odd", "plain"], [TextInput(t) for t in TEXTS])
+        logits = service.engine.run(rows, timeout=60)
+        assert torch.equal(torch.stack(logits[: len(TEXTS)]), Reference(tiny_base, odd).logits(TEXTS))
+        torch.testing.assert_close(
+            torch.stack(logits[len(TEXTS) :]), Reference(tiny_base, plain).logits(TEXTS), rtol=0, atol=1e-5
+        )
+        assert service.engine.stats.swap_batches == 1 and service.engine.stats.mixed_batches == 1
+    finally:
+        service.close()
+
+
+@pytest.mark.parametrize("policy", ["swap", "mixed"])
+def test_an_exception_in_the_forward_pass_restores_the_base(
+    tiny_base: BaseModel, patches: list[GraftPatch], tmp_path: Path, policy: str
+) -> None:
+    before = checksum(tiny_base)
+    service = make_service(tiny_base, tmp_path, policy=policy)
+    armed = {"on": True}
+
+    def explode(module: torch.nn.Module, inputs: object, output: object) -> None:
+        if armed["on"]:
+            raise RuntimeError("injected failure inside the forward pass")
+
+    handle = tiny_base.encoder.encoder.layer[-1].register_forward_hook(explode)
+    try:
+        for patch in patches[:2]:
+            upload(service, patch)
+        with pytest.raises(InferenceFailed):
+            engine_logits(service, "t0", TEXTS)
+        with pytest.raises(InferenceFailed):
+            rows, _ = service.prepare(["t0", "t1"], [TextInput(t) for t in TEXTS])
+            service.engine.run(rows, timeout=60)
+        with service.engine.weights_lock:  # no batch of the failed requests is in flight while we read
+            assert checksum(tiny_base) == before
+        assert service.engine.stats.failed_batches >= 2
+        armed["on"] = False  # the engine keeps serving after a failed batch
+        got = engine_logits(service, "t0", TEXTS)
+        torch.testing.assert_close(got, Reference(tiny_base, patches[0]).logits(TEXTS), rtol=0, atol=1e-5)
+    finally:
+        handle.remove()
+        service.close()
+    assert checksum(tiny_base) == before
+
+
+def test_auto_policy_swaps_single_task_batches_and_mixes_many(
+    tiny_base: BaseModel, patches: list[GraftPatch], tmp_path: Path
+) -> None:
+    service = make_service(tiny_base, tmp_path, policy="auto")
+    try:
+        for patch in patches:
+            upload(service, patch)
+        got = engine_logits(service, "t1", TEXTS)
+        assert torch.equal(got, Reference(tiny_base, patches[1]).logits(TEXTS))
+        assert service.engine.stats.swap_batches == 1
+        rows, _ = service.prepare([p.task for p in patches], [TextInput(TEXTS[0])])
+        service.engine.run(rows, timeout=60)
+        assert service.engine.stats.mixed_batches == 1
+    finally:
+        service.close()
+
+
+def test_text_pairs_reach_the_head(tiny_base: BaseModel, tmp_path: Path) -> None:
+    patch = make_patch(tiny_base, "pairs", "classifier", 0.02)
+    service = make_service(tiny_base, tmp_path, policy="swap")
+    try:
+        upload(service, patch)
+        pairs = [("a man plays a guitar", "someone makes music"), ("a cat sleeps", "the stock market fell")]
+        rows, _ = service.prepare(["pairs"], [TextInput(a, b) for a, b in pairs])
+        got = torch.stack(service.engine.run(rows, timeout=60))
+        assert torch.equal(got, Reference(tiny_base, patch).logits(pairs))
+    finally:
+        service.close()

@@ -1,0 +1,68 @@
+"""Helpers for serving tests: offline references (the materialized graft), checksums, a service factory."""
+
+from __future__ import annotations
+
+import copy
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from app.engine.engine import EngineConfig
+from app.engine.service import InferenceService, ServiceLimits
+from app.grafting.base import BaseModel, fingerprint_parameters
+from app.grafting.heads import Encoded, Example, TaskModel, Tokenization
+from app.grafting.patch import GraftPatch, materialize
+
+TEXTS = (
+    "a gripping, beautiful film",
+    "dull, far too long and badly acted",
+    "it was fine",
+    "the best thing I have seen this year, truly wonderful from start to end",
+    "no",
+    "an utter waste of two hours",
+    "surprisingly moving",
+    "I would not watch it again, but the music was great and the cast did their best with a thin script",
+)
+
+
+class Reference:
+    """The offline graft θ_pre + γ⊙δ of one patch as its own full model: what the server must reproduce."""
+
+    def __init__(self, base: BaseModel, patch: GraftPatch, max_length: int = 128) -> None:
+        encoder = copy.deepcopy(base.encoder)
+        state = materialize(base.parameters, patch)
+        own = dict(encoder.named_parameters())
+        with torch.no_grad():
+            for name, tensor in own.items():
+                tensor.copy_(state[name])
+        self.model = TaskModel(encoder, patch.spec, base.tokenizer, patch.head or None).eval()
+        self.tokenization = Tokenization(base.tokenizer, patch.spec, max_length)
+
+    def encode(self, texts: Sequence[str | tuple[str, str]]) -> list[Encoded]:
+        examples = [Example(t, -1) if isinstance(t, str) else Example(t[0], -1, t[1]) for t in texts]
+        return self.tokenization.encode_many(examples)
+
+    @torch.inference_mode()
+    def logits(self, texts: Sequence[str | tuple[str, str]]) -> torch.Tensor:
+        """Logits of ``texts`` run as one batch, in order (the batch the engine runs for one request)."""
+        return self.model(self.tokenization.collate(self.encode(texts))).float()
+
+    def probabilities(self, text: str | tuple[str, str]) -> list[float]:
+        return torch.softmax(self.logits([text])[0].double(), dim=-1).tolist()
+
+
+def checksum(base: BaseModel) -> str:
+    return fingerprint_parameters(base.parameters)
+
+
+def make_service(base: BaseModel, store_dir: Path, cache_bytes: int = 64 * 2**20, **engine: object) -> InferenceService:
+    config = EngineConfig(**{"max_batch_size": 64, "max_batch_wait_ms": 2.0, **engine})  # type: ignore[arg-type]
+    return InferenceService.for_directory(base, store_dir, ServiceLimits(), config, cache_bytes, 128)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
