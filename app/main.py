@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,11 +12,13 @@ from fastapi import FastAPI
 
 from app import __version__
 from app.api.errors import install_error_handlers
-from app.api.routes import classify, health, info, tasks
+from app.api.limits import BodyLimit, BodySizeLimitMiddleware
+from app.api.routes import classify, health, info, jobs, tasks
 from app.config import Settings, get_settings
 from app.engine.engine import EngineConfig
 from app.engine.service import InferenceService, ServiceLimits
 from app.grafting.base import load_base
+from app.jobs.service import build_job_service
 
 log = logging.getLogger("skillgraft")
 
@@ -54,10 +57,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.store_dir,
         )
         app.state.service = service
+        job_service = await anyio.to_thread.run_sync(build_job_service, settings, service.base, service.store)
+        app.state.jobs = job_service
+        log.info("jobs run %s", "on RQ workers via Redis" if settings.redis_url else "in process")
         try:
             yield
         finally:
             app.state.service = None
+            app.state.jobs = None
+            job_service.runner.close()
             await anyio.to_thread.run_sync(service.close)
 
     app = FastAPI(
@@ -68,7 +76,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.service = None
+    app.state.jobs = None
     install_error_handlers(app)
-    for module in (health, info, tasks, classify):
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        limits=[BodyLimit("POST", re.compile(r"/v1/tasks/?"), settings.max_upload_bytes, "max_upload_bytes")],
+    )
+    for module in (health, info, tasks, jobs, classify):
         app.include_router(module.router)
     return app

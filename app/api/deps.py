@@ -9,6 +9,7 @@ from fastapi import Depends, Path, Request
 from app.engine.errors import NotReady
 from app.engine.service import InferenceService
 from app.engine.store import TASK_NAME_PATTERN
+from app.jobs.service import JobService
 
 
 def get_service(request: Request) -> InferenceService:
@@ -19,6 +20,16 @@ def get_service(request: Request) -> InferenceService:
 
 
 ServiceDep = Annotated[InferenceService, Depends(get_service)]
+
+
+def get_jobs(request: Request) -> JobService:
+    jobs: JobService | None = getattr(request.app.state, "jobs", None)
+    if jobs is None:
+        raise NotReady("the service is starting or stopping")
+    return jobs
+
+
+JobsDep = Annotated[JobService, Depends(get_jobs)]
 TaskName = Annotated[
     str,
     Path(

@@ -24,12 +24,18 @@ from app.engine.errors import (
     TaskUnusable,
 )
 from app.grafting.patch import BaseMismatchError, PatchError
+from app.jobs.service import InvalidUpload, JobNotFound, QueueUnavailable, TaskExists, UnsupportedUpload
 
 log = logging.getLogger(__name__)
 
 # Error type -> HTTP status; the most specific class wins (lookup walks the exception's MRO).
 STATUS: dict[type[Exception], int] = {
     TaskNotFound: 404,
+    JobNotFound: 404,
+    TaskExists: 409,
+    UnsupportedUpload: 415,
+    InvalidUpload: 422,
+    QueueUnavailable: 503,
     InvalidTaskName: 422,
     InvalidInput: 422,
     LimitExceeded: 413,
@@ -97,11 +103,12 @@ def responses(*statuses: int) -> dict[int | str, dict[str, object]]:
     descriptions = {
         400: "Malformed patch (the message names the problem)",
         404: "Unknown task",
-        409: "Patch made for another base model, or a stored patch that is unusable",
+        409: "Patch made for another base model, a stored patch that is unusable, or a task name taken",
         413: "Over a configured limit (named in the message)",
+        415: "A pickle checkpoint (refused: uploads are never unpickled)",
         422: "Malformed request body or task name",
         429: "Batcher queue full: retry later",
-        503: "Not ready",
+        503: "Not ready, or the job queue is unavailable",
     }
     from app.api.schemas import ErrorResponse
 

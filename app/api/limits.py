@@ -1,0 +1,89 @@
+"""Request body limits enforced before a body is parsed: a pure ASGI middleware.
+
+FastAPI reads a multipart form completely before a route runs, so the upload limit must act earlier: a declared
+``Content-Length`` over the limit is refused at once, and a body sent without one (chunked) is cut off with 413
+as soon as it passes the limit.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+@dataclass(frozen=True)
+class BodyLimit:
+    method: str
+    path: re.Pattern[str]
+    max_bytes: int
+    setting: str
+
+
+class BodySizeLimitMiddleware:
+    def __init__(self, app: ASGIApp, limits: Sequence[BodyLimit]) -> None:
+        self.app = app
+        self.limits = list(limits)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = next(
+            (lim for lim in self.limits if lim.method == scope["method"] and lim.path.fullmatch(scope["path"])), None
+        )
+        if limit is None:
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length", b"").decode()
+        if declared.isdigit() and int(declared) > limit.max_bytes:
+            await _refuse(send, f"request body of {declared} bytes is larger than {limit.setting}={limit.max_bytes}")
+            return
+        received = 0
+        started = refused = False
+
+        async def counted_receive() -> Message:
+            nonlocal received, refused, started
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit.max_bytes:
+                    # Answer now and tell the app the client is gone: whatever it tries to send is dropped.
+                    refused = True
+                    if not started:
+                        started = True
+                        await _refuse(send, f"request body is larger than {limit.setting}={limit.max_bytes}")
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if refused:
+                return
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        await self.app(scope, counted_receive, tracking_send)
+
+
+async def _refuse(send: Send, message: str) -> None:
+    body = json.dumps({"error": {"code": "limit_exceeded", "message": message}}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
