@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -152,3 +154,38 @@ def test_two_replicas_serve_a_task_one_worker_finished(
         assert one.json()["results"] == two.json()["results"]
     finally:
         procs.stop_all()
+
+
+@pytest.mark.slow
+def test_submit_cli_zips_a_folder_and_follows(procs: Processes, tiny_base: BaseModel, tmp_path: Path) -> None:
+    url = procs.server()
+    write_checkpoint(tiny_base, tmp_path / "ckpt")  # a folder: its config.json declares the prompt head
+    (tmp_path / "train.jsonl").write_bytes(jsonl())
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "submit",
+            "--url",
+            url,
+            "--checkpoint",
+            str(tmp_path / "ckpt"),
+            "--train",
+            str(tmp_path / "train.jsonl"),
+            "--task",
+            "from-cli",
+            "--steps",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=procs.env,
+        cwd=procs.env["PYTHONPATH"],
+    )
+    assert result.returncode == 0, result.stderr + procs.logs()
+    job = json.loads(result.stdout)
+    assert job["state"] == "succeeded" and job["result"]["task"] == "from-cli"
+    assert job["result"]["metrics"]["evaluated_on"] == "train"
+    assert classify(url, "from-cli").status_code == 200
