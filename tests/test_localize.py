@@ -274,3 +274,21 @@ def test_cli_localize_and_evaluate_end_to_end(
     assert evaluation["acc_graft"] == report["evaluation"]["acc_graft"]
     assert evaluation["mask"]["size"] == patch.mask_size
     assert_identical(real_base, saved)
+
+
+@pytest.mark.parametrize("rank", [1, 50])
+def test_scale_free_step_moves_the_ranked_entry_by_max_step(tiny_base: BaseModel, rank: int) -> None:
+    ft = random_finetune(tiny_base, seed=1)
+    config = LocalizeConfig(max_step=2.5, step_rank=rank, lr=1e-9)
+    with MaskLearner(tiny_base, ft, SPEC, config) as learner:
+        before = {n: s.clone() for n, s in learner.scores.items()}
+        generator = torch.Generator().manual_seed(0)
+        # heavy-tailed, tiny-scale gradient: the step size must not depend on its scale
+        gradient = {n: torch.randn(s.shape, generator=generator) ** 3 * 1e-12 for n, s in learner.scores.items()}
+        largest = learner.apply_update(gradient)
+        moved = torch.cat([(before[n] - learner.scores[n]).abs().reshape(-1) for n in learner.names])
+    assert largest == pytest.approx(2.5)
+    ranked = torch.sort(moved, descending=True).values
+    assert float(ranked[0]) == pytest.approx(2.5, rel=1e-5)
+    assert float(ranked[rank - 1]) == pytest.approx(2.5, rel=1e-5)
+    assert float(ranked[rank]) < 2.5

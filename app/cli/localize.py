@@ -39,6 +39,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     group.add_argument("--bias", type=float, default=10.0, help="b in σ(S − b)")
     group.add_argument("--lr", type=float, default=1e7, help="η of the plain gradient step on S")
     group.add_argument("--max-step", type=float, default=None, help="scale-free step: largest |ΔS| per step")
+    group.add_argument(
+        "--step-rank", type=int, default=1, help="with --max-step: the rank of |∂S| that sets the scale (0: k)"
+    )
     group.add_argument("--examples-per-step", type=int, default=1024)
     group.add_argument("--micro-batch", type=int, default=32)
     group.add_argument(
@@ -101,6 +104,7 @@ def run_localize(args: argparse.Namespace) -> int:
         bias=args.bias,
         lr=args.lr,
         max_step=args.max_step,
+        step_rank=args.step_rank or max(1, math.floor(args.sparsity * eligible)),
         examples_per_step=args.examples_per_step,
         micro_batch=args.micro_batch,
         budget=_budget(args.budget, eligible),

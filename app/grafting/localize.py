@@ -56,6 +56,9 @@ class LocalizeConfig:
     lr: float = 1e7
     # scale-free step: when set, each update is rescaled so that max |ΔS| equals this (``lr`` is then unused)
     max_step: float | None = None
+    # with max_step: the entry of this rank (1 = the largest) sets the scale and larger ones are clipped to
+    # ±max_step, so a heavy-tailed gradient does not leave all but a handful of entries standing still
+    step_rank: int = 1
     examples_per_step: int = 1024
     micro_batch: int = 32
     # hard cap on the final mask size in entries (None: no cap beyond what rounding gives)
@@ -78,6 +81,8 @@ class LocalizeConfig:
             raise ValueError("score_every must be positive")
         if self.lr <= 0 or (self.max_step is not None and self.max_step <= 0):
             raise ValueError("lr and max_step must be positive")
+        if self.step_rank < 1:
+            raise ValueError("step_rank must be >= 1")
         if self.budget is not None and self.budget < 0:
             raise ValueError("budget must be >= 0")
         if self.l1 < 0:
@@ -133,15 +138,26 @@ def top_k_mask(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Te
 
     ``torch.topk`` returns exactly k indices even among ties, so the size is exact whatever the values.
     """
-    names = list(scores)
-    total = sum(scores[n].numel() for n in names)
+    return _global_top_k({n: t.shape for n, t in scores.items()}, lambda name: scores[name], k)
+
+
+def _global_top_k(
+    shapes: Mapping[str, torch.Size], score: Callable[[str], torch.Tensor], k: int
+) -> dict[str, torch.Tensor]:
+    """Exact global top-k with one flat score buffer over all tensors, filled tensor by tensor (one copy over E)."""
+    total = sum(math.prod(shape) for shape in shapes.values())
     k = max(0, min(int(k), total))
     flat = torch.zeros(total, dtype=torch.bool)
     if k:
-        joined = torch.cat([scores[n].detach().reshape(-1).float().cpu() for n in names])
+        joined = torch.empty(total, dtype=torch.float32)
+        offset = 0
+        for name, shape in shapes.items():
+            n = math.prod(shape)
+            joined[offset : offset + n] = score(name).detach().reshape(-1).float().cpu()
+            offset += n
         flat[torch.topk(joined, k, sorted=False).indices] = True
         del joined
-    return _split_flat(flat, scores)
+    return _split_flat(flat, {name: torch.empty(shape, device="meta") for name, shape in shapes.items()})
 
 
 def random_k_mask(shapes: Mapping[str, torch.Size], k: int, seed: int) -> dict[str, torch.Tensor]:
@@ -179,20 +195,32 @@ def data_free_mask(
     """The masks that need no examples: ``topk`` (global |δ|), ``random`` and ``dataless`` (|δ| / tensor RMS)."""
     if method == "random":
         return random_k_mask({n: pre[n].shape for n in names}, k, seed)
-    scores: dict[str, torch.Tensor] = {}
-    for name in names:
+    if method not in ("topk", "dataless"):
+        raise ValueError(f"{method!r} is not a data-free method")
+
+    def movement(name: str) -> torch.Tensor:
         delta = (ft[name].to(pre[name].device, pre[name].dtype) - pre[name]).abs()
         if method == "dataless":
             rms = delta.float().pow(2).mean().sqrt()
             delta = delta / rms if float(rms) > 0 else delta
-        elif method != "topk":
-            raise ValueError(f"{method!r} is not a data-free method")
-        scores[name] = delta
-    return top_k_mask(scores, k)
+        return delta
+
+    return _global_top_k({n: pre[n].shape for n in names}, movement, k)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The learned mask
+
+
+def _rank_magnitude(values: Mapping[str, torch.Tensor], rank: int) -> float:
+    """The ``rank``-th largest |value| over all tensors: exact, from each tensor's own top-``rank`` candidates."""
+    candidates = [
+        torch.topk(v.abs().reshape(-1), min(rank, v.numel()), sorted=False).values for v in values.values() if v.numel()
+    ]
+    if not candidates:
+        return 0.0
+    joined = torch.cat(candidates)
+    return float(torch.topk(joined, min(rank, joined.numel())).values[-1])
 
 
 def soft_mask(scores: torch.Tensor, base_mask: torch.Tensor, bias: float) -> torch.Tensor:
@@ -357,17 +385,23 @@ class MaskLearner:
 
     @torch.no_grad()
     def apply_update(self, gradient: Mapping[str, torch.Tensor]) -> float:
-        """S ← S − η·g, or with ``max_step`` set, S ← S − max_step·g / max|g|; returns the largest |ΔS|."""
+        """S ← S − η·g; or with ``max_step`` set, S ← S − clip(max_step·g / |g|_(r), ±max_step), where |g|_(r) is
+        the ``step_rank``-th largest |g| over E (r = 1: plain max-normalisation). Returns the largest |ΔS|."""
+        clip = None
         if self.config.max_step is not None:
-            peak = max((float(g.abs().max()) for g in gradient.values() if g.numel()), default=0.0)
-            scale = self.config.max_step / peak if peak > 0 else 0.0
+            reference = _rank_magnitude(gradient, self.config.step_rank)
+            scale = self.config.max_step / reference if reference > 0 else 0.0
+            clip = self.config.max_step
         else:
             scale = self.config.lr
         largest = 0.0
         for name, grad in gradient.items():
-            self.scores[name].sub_(grad, alpha=scale)
+            grad.mul_(scale)
+            if clip is not None:
+                grad.clamp_(-clip, clip)
+            self.scores[name].sub_(grad)
             if grad.numel():
-                largest = max(largest, scale * float(grad.abs().max()))
+                largest = max(largest, float(grad.abs().max()))
         return largest
 
     @torch.no_grad()
