@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,8 +53,33 @@ class Settings(BaseSettings):
     keep_failed_uploads_h: float = Field(
         72.0, ge=0, description="Hours a failed job's upload is kept for inspection (0 = delete at once)."
     )
+    read_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="API keys with the read scope (JSON list or comma-separated)."
+    )
+    admin_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="API keys with the admin scope (also read); none at all = open service."
+    )
+    max_request_bytes: int = Field(16 * 2**20, ge=1024, description="Largest JSON request body (bytes).")
+    max_queued_jobs: int = Field(64, ge=1, description="Jobs waiting or running before submissions get 429.")
     host: str = Field("127.0.0.1", description="Address `skillgraft serve` binds.")
     port: int = Field(8000, ge=0, le=65535, description="Port `skillgraft serve` binds.")
+
+    @field_validator("read_keys", "admin_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            if value.strip().startswith("["):
+                return json.loads(value)
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("read_keys", "admin_keys")
+    @classmethod
+    def _strong_keys(cls, value: list[str]) -> list[str]:
+        short = [key for key in value if len(key) < 16]
+        if short:
+            raise ValueError("API keys must be at least 16 characters long")
+        return value
 
     @field_validator("base_model")
     @classmethod

@@ -8,9 +8,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from app import __version__
+from app.api.auth import KeyRing, authorize
 from app.api.errors import install_error_handlers
 from app.api.limits import BodyLimit, BodySizeLimitMiddleware
 from app.api.routes import classify, health, info, jobs, tasks
@@ -21,6 +22,7 @@ from app.grafting.base import load_base
 from app.jobs.service import build_job_service
 
 log = logging.getLogger("skillgraft")
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
 def build_service(settings: Settings) -> InferenceService:
@@ -73,14 +75,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description="One pretrained transformer in memory, many tasks as sparse graft patches applied per request.",
         lifespan=lifespan,
+        dependencies=[Depends(authorize)],
     )
     app.state.settings = settings
+    app.state.keys = KeyRing.from_settings(settings.read_keys, settings.admin_keys)
+    if not app.state.keys.enabled and settings.host not in LOOPBACK_HOSTS:
+        log.warning(
+            "NO API KEYS CONFIGURED and binding %s: anyone who can reach this port can upload, delete and classify. "
+            "Set SKILLGRAFT_ADMIN_KEYS / SKILLGRAFT_READ_KEYS.",
+            settings.host,
+        )
     app.state.service = None
     app.state.jobs = None
     install_error_handlers(app)
+    writes = frozenset({"POST", "PUT", "PATCH"})
     app.add_middleware(
         BodySizeLimitMiddleware,
-        limits=[BodyLimit("POST", re.compile(r"/v1/tasks/?"), settings.max_upload_bytes, "max_upload_bytes")],
+        limits=[
+            BodyLimit(frozenset({"POST"}), re.compile(r"/v1/tasks/?"), settings.max_upload_bytes, "max_upload_bytes"),
+            BodyLimit(
+                frozenset({"PUT"}), re.compile(r"/v1/tasks/[^/]+/patch"), settings.max_patch_bytes, "max_patch_bytes"
+            ),
+            BodyLimit(writes, re.compile(r".*"), settings.max_request_bytes, "max_request_bytes"),
+        ],
     )
     for module in (health, info, tasks, jobs, classify):
         app.include_router(module.router)

@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.api.auth import Forbidden, Unauthorized
 from app.engine.errors import (
     InferenceFailed,
     InvalidInput,
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 # Error type -> HTTP status; the most specific class wins (lookup walks the exception's MRO).
 STATUS: dict[type[Exception], int] = {
+    Unauthorized: 401,
+    Forbidden: 403,
     TaskNotFound: 404,
     JobNotFound: 404,
     TaskExists: 409,
@@ -65,6 +68,8 @@ def status_of(exc: Exception) -> tuple[int, str]:
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     status, code = status_of(exc)
     headers = {"Retry-After": "1"} if status in (429, 503) else None
+    if status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
     return JSONResponse(error_body(code, str(exc)), status_code=status, headers=headers)
 
 
@@ -102,6 +107,8 @@ def install_error_handlers(app: FastAPI) -> None:
 def responses(*statuses: int) -> dict[int | str, dict[str, object]]:
     descriptions = {
         400: "Malformed patch (the message names the problem)",
+        401: "Missing or invalid API key",
+        403: "The API key lacks the scope this route needs",
         404: "Unknown task",
         409: "Patch made for another base model, a stored patch that is unusable, or a task name taken",
         413: "Over a configured limit (named in the message)",

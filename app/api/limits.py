@@ -17,7 +17,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 @dataclass(frozen=True)
 class BodyLimit:
-    method: str
+    """The first rule whose methods and path match a request sets its body limit."""
+
+    methods: frozenset[str]
     path: re.Pattern[str]
     max_bytes: int
     setting: str
@@ -33,7 +35,7 @@ class BodySizeLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limit = next(
-            (lim for lim in self.limits if lim.method == scope["method"] and lim.path.fullmatch(scope["path"])), None
+            (lim for lim in self.limits if scope["method"] in lim.methods and lim.path.fullmatch(scope["path"])), None
         )
         if limit is None:
             await self.app(scope, receive, send)
