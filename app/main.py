@@ -14,12 +14,13 @@ from app import __version__
 from app.api.auth import KeyRing, authorize
 from app.api.errors import install_error_handlers
 from app.api.limits import BodyLimit, BodySizeLimitMiddleware
-from app.api.routes import classify, health, info, jobs, tasks
+from app.api.routes import classify, health, info, jobs, metrics, tasks
 from app.config import Settings, get_settings
 from app.engine.engine import EngineConfig
 from app.engine.service import InferenceService, ServiceLimits
 from app.grafting.base import load_base
 from app.jobs.service import build_job_service
+from app.observability import RequestObservabilityMiddleware, bind_app_state
 
 log = logging.getLogger("skillgraft")
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -99,6 +100,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             BodyLimit(writes, re.compile(r".*"), settings.max_request_bytes, "max_request_bytes"),
         ],
     )
-    for module in (health, info, tasks, jobs, classify):
+    app.add_middleware(RequestObservabilityMiddleware)
+    bind_app_state(app.state)
+    for module in (health, info, tasks, jobs, classify, metrics):
         app.include_router(module.router)
     return app
