@@ -14,7 +14,8 @@ from app import __version__
 from app.api.auth import KeyRing, authorize
 from app.api.errors import install_error_handlers
 from app.api.limits import BodyLimit, BodySizeLimitMiddleware
-from app.api.routes import classify, health, info, jobs, metrics, tasks
+from app.api.openapi import install_openapi
+from app.api.routes import classify, health, info, jobs, metrics, tasks, v2
 from app.config import Settings, get_settings
 from app.engine.engine import EngineConfig
 from app.engine.service import InferenceService, ServiceLimits
@@ -89,6 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = None
     app.state.jobs = None
     install_error_handlers(app)
+    install_openapi(app)
     writes = frozenset({"POST", "PUT", "PATCH"})
     app.add_middleware(
         BodySizeLimitMiddleware,
@@ -102,6 +104,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(RequestObservabilityMiddleware)
     bind_app_state(app.state)
-    for module in (health, info, tasks, jobs, classify, metrics):
+    for module in (health, info, tasks, jobs, classify, metrics, v2):
         app.include_router(module.router)
     return app
