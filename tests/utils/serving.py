@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -60,9 +59,3 @@ def checksum(base: BaseModel) -> str:
 def make_service(base: BaseModel, store_dir: Path, cache_bytes: int = 64 * 2**20, **engine: object) -> InferenceService:
     config = EngineConfig(**{"max_batch_size": 64, "max_batch_wait_ms": 2.0, **engine})  # type: ignore[arg-type]
     return InferenceService.for_directory(base, store_dir, ServiceLimits(), config, cache_bytes, 128)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
