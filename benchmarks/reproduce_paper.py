@@ -261,7 +261,9 @@ def summarise(rows: list[dict[str, Any]], runs: list[dict[str, Any]], args: argp
                     }
                 )
             curves.append({"task": task, "mode": mode, "k": k, "method": method, "points": points})
-            hit = next((p for p in points if (p["relative_gain"] or -1) >= S95_GAIN), None)
+            gained = all(r["acc_ft"] > r["acc_pre"] for cell in cells.values() for r in cell["rows"])
+            # without a fine-tuning gain over θ_pre the relative gain is meaningless: no s95 then
+            hit = next((p for p in points if (p["relative_gain"] or -1) >= S95_GAIN), None) if gained else None
             s95[f"{task}/{mode}/k={k}/{method}"] = {
                 "s95": hit["mask_fraction"] if hit else None,
                 "ece_graft_at_s95": hit["ece_graft"] if hit else None,
@@ -538,7 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             }
             (out / "results.json").write_text(json.dumps(payload, indent=1, default=str))
             write_markdown(out / "results.md", summary, runs, args)
-    write_plot(out / "relative_gain.png", summarise(rows, runs, args))
+            write_plot(out / "relative_gain.png", summary)
     print(f"done in {time.perf_counter() - started:.0f}s; wrote {out}/results.json, results.md, relative_gain.png")
     return 0
 
