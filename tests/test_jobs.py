@@ -193,3 +193,49 @@ def test_redis_job_store_round_trip(redis_store: RedisJobStore) -> None:
     assert redis_store.list(JobState.running) == []
     redis_store.delete("abc123")
     assert redis_store.get("abc123") is None
+
+
+def test_concurrent_uploads_of_one_name(service: JobService, checkpoint: Path) -> None:
+    """Two different uploads race for one task name: exactly one job, the other gets TaskExists (409)."""
+    import threading
+
+    barrier = threading.Barrier(2)
+    outcomes: list[object] = []
+
+    def submit(rows: int) -> None:
+        staged = stage(service, checkpoint, jsonl(rows))
+        barrier.wait()
+        try:
+            outcomes.append(service.submit(staged, spec("race", steps=50))[0])
+        except TaskExists as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=submit, args=(rows,)) for rows in (16, 18)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    records = [o for o in outcomes if isinstance(o, JobRecord)]
+    refused = [o for o in outcomes if isinstance(o, TaskExists)]
+    assert len(records) == 1 and len(refused) == 1, outcomes
+    assert wait_for(service, records[0].id).state == JobState.succeeded
+    assert [r.id for r in service.list()] == [records[0].id]
+
+
+def test_queued_job_limit(tiny_base: BaseModel, tiny_base_dir: Path, tmp_path: Path, checkpoint: Path) -> None:
+    from app.engine.errors import Overloaded
+
+    settings = Settings(base_model=tiny_base_dir, store_dir=tmp_path / "store", max_queued_jobs=1)
+    svc = build_job_service(settings, tiny_base, LocalTaskStore(settings.store_dir))
+    try:
+        first, _ = svc.submit(stage(svc, checkpoint, jsonl(64)), spec("one", steps=300))
+        deadline = time.monotonic() + 30
+        while svc.get(first.id).state != JobState.running and time.monotonic() < deadline:
+            time.sleep(0.02)
+        second, _ = svc.submit(stage(svc, checkpoint, jsonl(64)), spec("two", steps=300))
+        with pytest.raises(Overloaded, match="max_queued_jobs=1"):
+            svc.submit(stage(svc, checkpoint, jsonl(64)), spec("three", steps=300))
+        for record in (first, second):
+            svc.cancel(record.id)
+    finally:
+        svc.runner.close()

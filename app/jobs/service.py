@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import threading
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from app.config import Settings
-from app.engine.errors import LimitExceeded, ServiceError
+from app.engine.errors import LimitExceeded, Overloaded, ServiceError
 from app.engine.store import LocalTaskStore
 from app.grafting.base import BaseModel, load_base
 from app.jobs.inputs import UploadError, UploadPaths, load_job_inputs
@@ -99,6 +102,7 @@ class JobService:
         self.runner = runner
         self.uploads_dir = settings.store_dir / "uploads"
         self.uploads_dir.mkdir(parents=True, exist_ok=True)
+        self._claims_lock = threading.Lock()
 
     @property
     def backend(self) -> str:
@@ -130,9 +134,7 @@ class JobService:
         existing = self._jobs_call(self.jobs.get, job_id)
         if existing is not None and existing.state not in (JobState.failed, JobState.cancelled):
             return existing, False
-        stored = self.tasks.stat(spec.task)
-        if stored is not None and not spec.replace:
-            raise TaskExists(f"task {spec.task!r} exists; submit with replace=true to replace it")
+        self._check_name_free(spec)
         (staging.folder / "spec.json").write_text(spec.model_dump_json())
         try:
             load_job_inputs(UploadPaths(staging.folder), spec, self.base, staging.folder / "extracted")
@@ -140,14 +142,21 @@ class JobService:
             error = UnsupportedUpload if "pickle" in exc.message else InvalidUpload
             raise error(exc.field, exc.message) from exc
         shutil.rmtree(staging.folder / "extracted", ignore_errors=True)
-        target = self.uploads_dir / job_id
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging.folder, target)
         record = JobRecord(id=job_id, task=spec.task, spec=spec)
-        if existing is not None:
-            self._jobs_call(self.jobs.delete, job_id)
-        self._jobs_call(self.jobs.create, record)
+        # Check and create under one claim on the task name, so of two concurrent uploads for one name (on any
+        # replica) exactly one gets a job and the other a 409.
+        with self._name_claim(spec.task):
+            self._check_name_free(spec)
+            queued = len(self._jobs_call(self.jobs.list, JobState.queued, self.settings.max_queued_jobs + 1))
+            if queued >= self.settings.max_queued_jobs:
+                raise Overloaded(f"{queued} jobs are queued (max_queued_jobs={self.settings.max_queued_jobs})")
+            target = self.uploads_dir / job_id
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging.folder, target)
+            if existing is not None:
+                self._jobs_call(self.jobs.delete, job_id)
+            self._jobs_call(self.jobs.create, record)
         try:
             self.runner.submit(job_id)
         except Exception as exc:
@@ -155,6 +164,39 @@ class JobService:
             raise QueueUnavailable(f"the job queue is unavailable: {exc}") from exc
         sweep_failed_uploads(self._sweeper_context())
         return record, True
+
+    def _check_name_free(self, spec: TaskSpec) -> None:
+        active = [
+            record
+            for state in (JobState.queued, JobState.running)
+            for record in self._jobs_call(self.jobs.list, state, 10_000)
+            if record.task == spec.task
+        ]
+        if active:
+            raise TaskExists(f"task {spec.task!r} already has a {active[0].state.value} job ({active[0].id})")
+        if self.tasks.stat(spec.task) is not None and not spec.replace:
+            raise TaskExists(f"task {spec.task!r} exists; submit with replace=true to replace it")
+
+    @contextlib.contextmanager
+    def _name_claim(self, task: str) -> Iterator[None]:
+        """Mutual exclusion per task name: a process lock, plus a short Redis lock when jobs live in Redis."""
+        with self._claims_lock:
+            redis = getattr(self.jobs, "redis", None)
+            if redis is None:
+                yield
+                return
+            key = f"skillgraft:claim:{task}"
+            token = uuid.uuid4().hex
+            deadline = time.monotonic() + 10
+            while not self._jobs_call(redis.set, key, token, nx=True, px=10_000):
+                if time.monotonic() > deadline:
+                    raise TaskExists(f"task {task!r} is being submitted by another request; try again")
+                time.sleep(0.01)
+            try:
+                yield
+            finally:
+                if self._jobs_call(redis.get, key) in (token, token.encode()):
+                    self._jobs_call(redis.delete, key)
 
     def get(self, job_id: str) -> JobRecord:
         record = self._jobs_call(self.jobs.get, job_id) if job_id.isalnum() else None
