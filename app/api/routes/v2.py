@@ -407,7 +407,14 @@ INFER = {
             },
         }
     },
-    "responses": {200: {"model": InferenceResponse, "description": "Outputs"}, **errors(400, 404, 409, 413, 429, 503)},
+    "responses": {
+        200: {
+            "model": InferenceResponse,
+            "description": "Outputs; as the JSON header then binary tensor data when any output is asked as binary",
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        },
+        **errors(400, 404, 409, 413, 429, 503),
+    },
 }
 
 
