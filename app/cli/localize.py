@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from app.grafting.base import BaseModel, EligibleRule, load_base
 from app.grafting.checkpoint import Checkpoint, head_spec_or_error, load_checkpoint, split_for_base
 from app.grafting.data import TaskData
 from app.grafting.evaluate import Evaluator, mask_breakdown, mask_counts
-from app.grafting.heads import HeadSpec
+from app.grafting.heads import Example, HeadSpec
 from app.grafting.localize import METHODS, LocalizeConfig, localize
 from app.grafting.patch import atomic_write, build_patch, load_patch, save_patch, validate_patch
 
@@ -53,7 +54,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="patch file to write (.safetensors)")
     parser.add_argument("--report", help="JSON report path (default: the patch path with .json)")
     parser.add_argument("--no-evaluate", action="store_true", help="skip scoring the patch on the test examples")
-    parser.add_argument("--eval-limit", type=int, default=None, help="score on the first N test examples only")
+    parser.add_argument("--eval-limit", type=int, default=None, help="score on a seeded sample of N test examples")
     parser.set_defaults(run=run_localize)
 
     ev = commands.add_parser("evaluate", help="score a patch against its checkpoint on test data")
@@ -61,7 +62,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_data_options(ev)
     ev.add_argument("--patch", required=True)
     ev.add_argument("--checkpoint", required=True)
-    ev.add_argument("--limit", type=int, default=None, help="score on the first N test examples only")
+    ev.add_argument("--limit", type=int, default=None, help="score on a seeded sample of N test examples")
     ev.add_argument("--out", help="report JSON path (default: print)")
     ev.set_defaults(run=run_evaluate)
 
@@ -79,6 +80,13 @@ def _load(args: argparse.Namespace) -> tuple[BaseModel, Checkpoint, HeadSpec, Ta
 def _head_seed(checkpoint: Checkpoint) -> int:
     """The seed the fine-tune drew its head with (0 when the checkpoint does not say)."""
     return int((checkpoint.skillgraft.get("training") or {}).get("seed", 0))
+
+
+def _limit(examples: list[Example], limit: int | None) -> list[Example]:
+    """A seeded sample of ``limit`` examples (test files can be sorted by label: never just the first N)."""
+    if not limit or limit >= len(examples):
+        return list(examples)
+    return random.Random(0).sample(examples, limit)
 
 
 def _budget(value: float | None, eligible: int) -> int | None:
@@ -144,7 +152,7 @@ def run_localize(args: argparse.Namespace) -> int:
         extra={"localize": config.to_json(), "best_step": result.best_step},
     )
     if not args.no_evaluate and data.test:
-        test = data.test[: args.eval_limit] if args.eval_limit else data.test
+        test = _limit(data.test, args.eval_limit)
         evaluator = Evaluator(base, spec, checkpoint.body, test, checkpoint.head, head_seed=_head_seed(checkpoint))
         report["evaluation"] = evaluator.report(patch)
         patch.metrics.update(
@@ -170,7 +178,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     validate_patch(patch, base.parameters, base.fingerprint, base.hidden_size)
     if patch.spec != spec:
         raise ValueError("the patch's head spec differs from the checkpoint's: not made from this checkpoint")
-    test = data.test[: args.limit] if args.limit else data.test
+    test = _limit(data.test, args.limit)
     evaluator = Evaluator(base, spec, checkpoint.body, test, checkpoint.head, head_seed=_head_seed(checkpoint))
     report = {"patch": str(args.patch), "checkpoint": str(args.checkpoint), **evaluator.report(patch)}
     if args.out:
