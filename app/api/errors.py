@@ -5,6 +5,7 @@ No traceback reaches a client: unexpected exceptions are logged here and answere
 
 from __future__ import annotations
 
+import errno
 import logging
 
 from fastapi import FastAPI, Request
@@ -105,7 +106,15 @@ def _allowed_methods(request: Request) -> set[str]:
     return methods
 
 
+# A store that is full or read-only: the client gets a clean error naming the cause, never a traceback.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM}
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+        log.error("store write failed on %s %s: %s", request.method, request.url.path, exc)
+        message = f"the store cannot be written: {exc.strerror or exc}; nothing was changed"
+        return JSONResponse(error_body("store_unavailable", message), status_code=507)
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)
 
@@ -131,6 +140,7 @@ def responses(*statuses: int) -> dict[int | str, dict[str, object]]:
         422: "Malformed request body or task name",
         429: "Batcher queue full: retry later",
         503: "Not ready, or the job queue is unavailable",
+        507: "The store is full or read-only",
     }
     from app.api.schemas import ErrorResponse
 
