@@ -60,7 +60,7 @@ class Settings(BaseSettings):
         default_factory=list, description="API keys with the admin scope (also read); none at all = open service."
     )
     max_request_bytes: int = Field(16 * 2**20, ge=1024, description="Largest JSON request body (bytes).")
-    max_queued_jobs: int = Field(64, ge=1, description="Jobs waiting or running before submissions get 429.")
+    max_queued_jobs: int = Field(64, ge=1, description="Jobs waiting in the queue before submissions get 429.")
     host: str = Field("127.0.0.1", description="Address `skillgraft serve` binds.")
     port: int = Field(8000, ge=0, le=65535, description="Port `skillgraft serve` binds.")
 
