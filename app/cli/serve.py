@@ -30,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     from app.config import Settings
     from app.main import create_app
+    from app.observability import configure_json_logging
 
     overrides = {
         key: value
@@ -52,5 +53,14 @@ def run(args: argparse.Namespace) -> int:
             f"SKILLGRAFT_{'_'.join(map(str, e['loc'])).upper() or 'SETTINGS'}: {e['msg']}" for e in exc.errors()
         )
         raise ValueError(f"invalid settings: {problems}") from exc
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
+    # One JSON line per log record (our access log carries the request id), instead of uvicorn's text logs.
+    configure_json_logging(args.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        log_level=args.log_level,
+    )
     return 0

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 from app.config import Settings
+from app.observability import configure_json_logging
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -18,7 +18,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from workers.worker import run_worker
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_json_logging("INFO")
     overrides = {"redis_url": args.redis_url} if args.redis_url else {}
     run_worker(Settings(**overrides), burst=args.burst)
     return 0
