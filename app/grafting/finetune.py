@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -65,8 +65,14 @@ def finetune(
     dev: Sequence[Example] | None = None,
     config: FinetuneConfig | None = None,
     progress: ProgressCallback | None = None,
+    protect: Mapping[str, torch.Tensor] | None = None,
 ) -> FinetuneResult:
-    """Train a copy of the base encoder (the base itself is untouched) and return the fine-tuned tensors."""
+    """Train a copy of the base encoder (the base itself is untouched) and return the fine-tuned tensors.
+
+    ``protect`` (boolean masks by encoder tensor name, e.g. earlier tasks' graft masks) freezes those entries:
+    their gradients are zeroed, and since weight decay or AdamW still move a zero-gradient entry, their values
+    are also written back after every step, so an earlier skill held there survives exactly.
+    """
     config = config or FinetuneConfig()
     if not train:
         raise ValueError("no training examples")
@@ -94,6 +100,7 @@ def finetune(
     params = [p for p in model.parameters() if p.requires_grad]
     pre = {name: p.detach().clone() for name, p in encoder.named_parameters() if p.requires_grad} if config.l1 else {}
     live = dict(encoder.named_parameters())
+    frozen = _freeze(live, protect or {})
     if config.optimizer == "sgd":
         optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
     else:
@@ -117,6 +124,7 @@ def finetune(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            _restore(frozen)
             step += 1
             last_loss = float(loss.detach())
             if progress is not None:
@@ -138,3 +146,23 @@ def finetune(
     body = {name: p.detach().to("cpu").clone() for name, p in encoder.named_parameters()}
     head = {name: t.detach().to("cpu").clone() for name, t in model.head_tensors().items()}
     return FinetuneResult(body, head, metrics, config)
+
+
+def _freeze(
+    live: Mapping[str, torch.Tensor], protect: Mapping[str, torch.Tensor]
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Zero the gradients of protected entries; returns (parameter, mask, values) for ``_restore``."""
+    frozen = []
+    for name, mask in protect.items():
+        param = live[name]
+        keep = mask.to(param.device, torch.bool)
+        if param.requires_grad and keep.any():
+            param.register_hook(lambda grad, keep=keep: grad.masked_fill(keep, 0))
+            frozen.append((param, keep, param.detach()[keep].clone()))
+    return frozen
+
+
+def _restore(frozen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for param, keep, values in frozen:
+            param[keep] = values
