@@ -69,6 +69,49 @@ class TaskSpec(BaseModel):
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
+class StitchSpec(BaseModel):
+    """What to stitch: stored tasks merged into one model θ_pre + Σ γ'_i⊙δ_i, published under ``name``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., description="Name of the stitched model; its members are served as <name>.<task>")
+    tasks: list[str] = Field(..., min_length=2, max_length=16, description="Stored tasks to stitch (distinct)")
+    serve: bool = Field(True, description="Store each member <name>.<task> as a servable task")
+    datasets: dict[str, str] = Field(
+        default_factory=dict,
+        description="Named dataset to score each task on (default: the dataset named like the task, if any)",
+    )
+    eval_limit: int = Field(300, ge=0, le=100_000, description="Seeded test examples per task (0: no evaluation)")
+    replace: bool = Field(False, description="Replace an existing stitched model (and members) of the same name")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not _TASK_NAME.match(value):
+            raise ValueError(f"name must match {TASK_NAME_PATTERN}")
+        return value
+
+    @model_validator(mode="after")
+    def _members(self) -> StitchSpec:
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError("tasks must be distinct")
+        for task in self.tasks:
+            if not _TASK_NAME.match(task):
+                raise ValueError(f"task name {task[:80]!r} must match {TASK_NAME_PATTERN}")
+            if not _TASK_NAME.match(member_name(self.name, task)):
+                raise ValueError(f"member name {member_name(self.name, task)!r} is longer than 64 characters")
+        return self
+
+    def content_hash(self) -> str:
+        data = self.model_dump(exclude={"replace"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def member_name(group: str, task: str) -> str:
+    """The served task name of one member of a stitched model."""
+    return f"{group}.{task}"
+
+
 class JobProgress(BaseModel):
     phase: str = "queued"
     step: int = 0
@@ -82,12 +125,15 @@ class JobProgress(BaseModel):
 
 class JobRecord(BaseModel):
     id: str
+    # what the job does: "localize" (an uploaded checkpoint into a task, ``spec``) or "stitch" (``params``)
+    kind: Literal["localize", "stitch"] = "localize"
     task: str
     state: JobState = JobState.queued
     progress: JobProgress = Field(default_factory=JobProgress)
     result: dict[str, Any] | None = None
     error: str | None = None
-    spec: TaskSpec
+    spec: TaskSpec | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
     created_at: str = Field(default_factory=utc_now)
     updated_at: str = Field(default_factory=utc_now)
     started_at: str | None = None
@@ -100,6 +146,15 @@ def job_id_for(checkpoint_sha256: str, train_sha256: str, dev_sha256: str | None
     """Content address of a job: same checkpoint, data and spec give the same id."""
     digest = hashlib.sha256()
     for part in (checkpoint_sha256, train_sha256, dev_sha256 or "-", spec.content_hash()):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:32]
+
+
+def stitch_job_id(spec: StitchSpec, etags: list[str]) -> str:
+    """Content address of a stitch job: same spec and same stored member patches give the same id."""
+    digest = hashlib.sha256(b"stitch\0")
+    for part in (spec.content_hash(), *etags):
         digest.update(part.encode())
         digest.update(b"\0")
     return digest.hexdigest()[:32]

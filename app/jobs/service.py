@@ -262,6 +262,7 @@ def build_worker_context(settings: Settings, base: BaseModel | None = None) -> J
         jobs=RedisJobStore(redis),
         uploads_dir=settings.store_dir / "uploads",
         failed_upload_retention_h=settings.keep_failed_uploads_h,
+        data_dir=settings.data_dir,
         on_task_written=lambda name: redis.publish(TASK_CHANNEL, json.dumps({"task": name})),
     )
 
@@ -281,6 +282,7 @@ def build_job_service(settings: Settings, base: BaseModel, tasks: LocalTaskStore
         jobs=jobs,
         uploads_dir=settings.store_dir / "uploads",
         failed_upload_retention_h=settings.keep_failed_uploads_h,
+        data_dir=settings.data_dir,
     )
     in_process = InProcessRunner(ctx)
     resumed = in_process.resume_unfinished()

@@ -17,11 +17,12 @@ from typing import Any
 
 from app.engine.store import LocalTaskStore
 from app.grafting.base import BaseModel, EligibleRule
-from app.grafting.evaluate import evaluate
+from app.grafting.calibration import reliability_bins
+from app.grafting.evaluate import Evaluator
 from app.grafting.localize import LocalizationCancelled, LocalizeConfig, localize
 from app.grafting.patch import GraftPatch, build_patch, load_patch, patch_to_bytes, validate_patch
 from app.jobs.inputs import JobInputs, UploadError, UploadPaths, head_tensors_for, load_job_inputs
-from app.jobs.models import JobRecord, JobState, TaskSpec, utc_now
+from app.jobs.models import JobRecord, JobState, utc_now
 from app.jobs.store import JobStore
 
 log = logging.getLogger("skillgraft.jobs")
@@ -37,6 +38,8 @@ class JobContext:
     failed_upload_retention_h: float = 72.0
     # called with a task name after it is (re)written, e.g. to publish a notice to other replicas
     on_task_written: Callable[[str], None] | None = None
+    # named datasets folder for jobs that score on them (None: the default beside the repository)
+    data_dir: Path | None = None
     _base: BaseModel | None = None
 
     @property
@@ -49,7 +52,7 @@ class JobContext:
         return UploadPaths(self.uploads_dir / job_id)
 
 
-class _Phases:
+class Phases:
     """Wall time per phase, recorded into the job as it goes."""
 
     def __init__(self) -> None:
@@ -74,7 +77,15 @@ def run_job(ctx: JobContext, job_id: str) -> dict[str, Any] | None:
     record = ctx.jobs.get(job_id)
     if record is None or record.state.finished:
         return None
-    phases = _Phases()
+    if record.kind == "stitch":
+        # imported here: the stitch job module builds on this one's helpers
+        from app.jobs.stitching import run_stitch_job
+
+        return run_stitch_job(ctx, record)
+    if record.spec is None:
+        finish(ctx, job_id, JobState.failed, Phases(), error="a localize job without a task spec")
+        return None
+    phases = Phases()
     ctx.jobs.update(
         job_id,
         state=JobState.running,
@@ -88,18 +99,19 @@ def run_job(ctx: JobContext, job_id: str) -> dict[str, Any] | None:
         inputs = load_job_inputs(paths, record.spec, ctx.base, paths.folder / "extracted")
         result = _localize_and_publish(ctx, record, inputs, phases)
     except UploadError as exc:
-        _finish(ctx, job_id, JobState.failed, phases, error=str(exc))
+        finish(ctx, job_id, JobState.failed, phases, error=str(exc))
         return None
     except LocalizationCancelled:
-        _finish(ctx, job_id, JobState.cancelled, phases, error="cancelled")
+        finish(ctx, job_id, JobState.cancelled, phases, error="cancelled")
         return None
-    _finish(ctx, job_id, JobState.succeeded, phases, result=result)
+    finish(ctx, job_id, JobState.succeeded, phases, result=result)
     shutil.rmtree(paths.folder, ignore_errors=True)
     return result
 
 
-def _localize_and_publish(ctx: JobContext, record: JobRecord, inputs: JobInputs, phases: _Phases) -> dict[str, Any]:
-    spec: TaskSpec = record.spec
+def _localize_and_publish(ctx: JobContext, record: JobRecord, inputs: JobInputs, phases: Phases) -> dict[str, Any]:
+    spec = record.spec
+    assert spec is not None  # run_job fails spec-less records before this
     base = ctx.base
     head = head_tensors_for(inputs.checkpoint, inputs.head)
 
@@ -168,8 +180,8 @@ def _localize_and_publish(ctx: JobContext, record: JobRecord, inputs: JobInputs,
     }
 
 
-def _finish(
-    ctx: JobContext, job_id: str, state: JobState, phases: _Phases, result: dict | None = None, error: str | None = None
+def finish(
+    ctx: JobContext, job_id: str, state: JobState, phases: Phases, result: dict | None = None, error: str | None = None
 ) -> None:
     ctx.jobs.update(
         job_id,
@@ -187,8 +199,14 @@ def _finish(
 def evaluate_job_patch(base: BaseModel, patch: GraftPatch, inputs: JobInputs) -> dict[str, Any]:
     """The evaluation report on the dev data, or on the training data when no dev file was uploaded (stated)."""
     examples, split = (inputs.dev, "dev") if inputs.dev else (inputs.train, "train")
-    report = evaluate(base, inputs.head, inputs.checkpoint.body, patch, examples, ft_head=patch.head or None)
-    return {**report, "evaluated_on": split}
+    evaluator = Evaluator(base, inputs.head, inputs.checkpoint.body, examples, ft_head=patch.head or None)
+    report = evaluator.report(patch)
+    # the dashboard's reliability diagram: per-bin accuracy vs confidence of θ_ft and of the graft
+    reliability = {
+        "ft": reliability_bins(evaluator.ft_logits, evaluator.labels),
+        "graft": reliability_bins(evaluator.graft_logits(patch), evaluator.labels),
+    }
+    return {**report, "evaluated_on": split, "reliability": reliability}
 
 
 def sweep_failed_uploads(ctx: JobContext) -> int:
