@@ -15,7 +15,7 @@ from app.api.auth import KeyRing, authorize
 from app.api.errors import install_error_handlers
 from app.api.limits import BodyLimit, BodySizeLimitMiddleware
 from app.api.openapi import install_openapi
-from app.api.routes import classify, health, info, jobs, metrics, tasks, v2
+from app.api.routes import classify, dashboard, health, info, jobs, metrics, skills, tasks, v2
 from app.config import Settings, get_settings
 from app.engine.engine import EngineConfig
 from app.engine.service import InferenceService, ServiceLimits
@@ -104,6 +104,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(RequestObservabilityMiddleware)
     bind_app_state(app.state)
-    for module in (health, info, tasks, jobs, classify, metrics, v2):
+    for module in (health, info, tasks, jobs, classify, metrics, v2, skills, dashboard):
         app.include_router(module.router)
     return app

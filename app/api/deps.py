@@ -10,6 +10,7 @@ from app.engine.errors import NotReady
 from app.engine.service import InferenceService
 from app.engine.store import TASK_NAME_PATTERN
 from app.jobs.service import JobService
+from app.jobs.stitching import StitchService
 
 
 def get_service(request: Request) -> InferenceService:
@@ -38,3 +39,10 @@ TaskName = Annotated[
         examples=["sst2"],
     ),
 ]
+
+
+def get_stitching(request: Request) -> StitchService:
+    return StitchService(get_jobs(request))
+
+
+StitchDep = Annotated[StitchService, Depends(get_stitching)]
