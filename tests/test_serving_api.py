@@ -148,7 +148,7 @@ def test_a_full_batcher_answers_429(tiny_base_dir: Path, tmp_path: Path, tiny_ba
         put(client, "t", patch_to_bytes(make_patch(tiny_base, "t")))
         service = app.state.service
         service.registry.get("t")  # loaded now: loading reads the base under the lock this test is about to hold
-        with service.engine.weights_lock:  # the inference thread blocks on its first batch: the queue fills up
+        with service.engine.weights.lock:  # the inference thread blocks on its first batch: the queue fills up
             filler, _ = service.prepare(["t"], [TextInput("x")] * 30)
             pending = service.engine.submit(filler)
             response = client.post("/v1/classify", json={"task": "t", "inputs": ["a", "b", "c", "d", "e", "f", "g"]})

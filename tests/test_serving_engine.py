@@ -9,6 +9,7 @@ import torch
 
 from app.engine.errors import InferenceFailed
 from app.engine.service import InferenceService, TextInput
+from app.engine.weights import BaseWeights
 from app.grafting.base import BaseModel
 from app.grafting.heads import HeadSpec
 from app.grafting.patch import GraftPatch, build_patch, patch_to_bytes
@@ -123,7 +124,7 @@ def test_an_exception_in_the_forward_pass_restores_the_base(
         with pytest.raises(InferenceFailed):
             rows, _ = service.prepare(["t0", "t1"], [TextInput(t) for t in TEXTS])
             service.engine.run(rows, timeout=60)
-        with service.engine.weights_lock:  # no batch of the failed requests is in flight while we read
+        with service.engine.weights.lock:  # no batch of the failed requests is in flight while we read
             assert checksum(tiny_base) == before
         assert service.engine.stats.failed_batches >= 2
         armed["on"] = False  # the engine keeps serving after a failed batch
@@ -163,3 +164,23 @@ def test_text_pairs_reach_the_head(tiny_base: BaseModel, tmp_path: Path) -> None
         assert torch.equal(got, Reference(tiny_base, patch).logits(pairs))
     finally:
         service.close()
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float32, torch.float64)])
+def test_base_weights_swap_and_restore_exactly_with_or_without_a_flat_buffer(dtypes: tuple[torch.dtype, ...]) -> None:
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2).to(dtypes[1]))
+    module[0].to(dtypes[0])
+    module.requires_grad_(False)
+    before = {name: p.detach().clone() for name, p in module.named_parameters()}
+    weights = BaseWeights(module)
+    assert (weights.flat is not None) == (dtypes[0] == dtypes[1])
+    assert all(torch.equal(p, before[name]) for name, p in module.named_parameters())
+    # global indices in slot order, not parameter order: the fallback must not assume any order
+    indices = torch.tensor([weights.offsets["1.weight"] + 5, weights.offsets["0.bias"] + 1, 2], dtype=torch.int32)
+    values = torch.tensor([7.0, 8.0, 9.0], dtype=torch.float64)
+    with weights.lock:
+        saved = weights.apply(indices, values)
+        assert float(module[1].weight.view(-1)[5]) == 7.0 and float(module[0].bias[1]) == 8.0
+        assert float(module[0].weight.view(-1)[2]) == 9.0
+        weights.restore(saved)
+    assert all(torch.equal(p, before[name]) for name, p in module.named_parameters())

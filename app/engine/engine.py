@@ -32,9 +32,9 @@ import torch
 from app.engine.errors import InferenceFailed, NotReady, Overloaded
 from app.engine.mixed import DeltaHooks, DeltaTargets, build_plan
 from app.engine.registry import EngineTask
+from app.engine.weights import BaseWeights
 from app.grafting.base import BaseModel
 from app.grafting.heads import Batch, Encoded, classifier_logits, collate, encoder_hidden, prompt_logits
-from app.grafting.patch import apply_patch
 
 log = logging.getLogger(__name__)
 
@@ -96,22 +96,15 @@ class EngineStats:
 class Engine:
     """The single writer of the base weights (see the module docstring for the batching policy).
 
-    ``weights_lock`` is held while a patch is swapped in; the registry takes it to read pristine base values.
+    ``weights.lock`` is held while a patch is swapped in; the registry takes it to read pristine base values.
     """
 
-    def __init__(
-        self,
-        base: BaseModel,
-        config: EngineConfig,
-        targets: DeltaTargets | None = None,
-        weights_lock: threading.Lock | None = None,
-    ) -> None:
+    def __init__(self, base: BaseModel, config: EngineConfig, weights: BaseWeights | None = None) -> None:
         self.base = base
         self.config = config
-        self.targets = targets or DeltaTargets(base.encoder)
-        self.weights_lock = weights_lock or threading.Lock()
+        self.weights = weights or BaseWeights.of(base.encoder)
+        self.targets = DeltaTargets.of(base.encoder, self.weights)
         self.device = next(base.encoder.parameters()).device
-        self.parameters = base.parameters
         self.stats = EngineStats()
         self._hooks = DeltaHooks(self.targets)
         self._queue: deque[_Row] = deque()
@@ -123,6 +116,11 @@ class Engine:
         self._thread.start()
 
     # -- public ------------------------------------------------------------------------------------------------
+
+    @property
+    def weights_lock(self) -> threading.Lock:
+        """The lock over the base weights (``weights.lock``), for callers that read pristine base values."""
+        return self.weights.lock
 
     @property
     def running(self) -> bool:
@@ -245,14 +243,14 @@ class Engine:
     def _run_swap(self, rows: list[_Row]) -> None:
         task = rows[0].task
         batch = self._collate(rows)
-        with self.weights_lock:
-            applied = apply_patch(self.parameters, None, device_entries=task.swap_entries())  # type: ignore[arg-type]
+        with self.weights.lock:
+            saved = self.weights.apply(task.indices, task.values)
             try:
                 hidden = encoder_hidden(self.base.encoder, batch)
                 # The head runs before the restore: a prompt head reads the (possibly patched) embedding table.
                 logits = self._head(task, hidden, batch.mask_positions)
             finally:
-                applied.restore()
+                self.weights.restore(saved)
         self._deliver(rows, logits)
         self.stats.swap_batches += 1
 

@@ -15,6 +15,7 @@ touching them is not ``mixable`` and the engine runs it by swapping.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -23,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional
+
+from app.engine.weights import BaseWeights
 
 LINEAR_WEIGHT, LINEAR_BIAS, NORM_WEIGHT, NORM_BIAS = 0, 1, 2, 3
 
@@ -43,7 +46,9 @@ class DeltaTargets:
     """The table of patchable parameters of one encoder, in a fixed slot order shared by the registry (which
     stores each entry's slot) and the hooks (which read their slice of a batch plan by slot)."""
 
-    def __init__(self, encoder: nn.Module) -> None:
+    def __init__(self, encoder: nn.Module, weights: BaseWeights) -> None:
+        self.weights = weights
+        offsets = weights.offsets
         targets: list[Target] = []
         for module_name, module in encoder.named_modules():
             prefix = f"{module_name}." if module_name else ""
@@ -58,69 +63,104 @@ class DeltaTargets:
                     targets.append(Target(len(targets), prefix + attr, module, role, width))
         self.targets = targets
         self.by_param = {target.param: target for target in targets}
-        self.in_features = torch.tensor([t.in_features for t in targets], dtype=torch.int32)
+        # Per slot: row width of a Linear weight, and where the parameter starts in the global index space.
+        self._tables = torch.tensor(
+            [[t.in_features for t in targets], [offsets[t.param] for t in targets]], dtype=torch.int64
+        )
+        self._tables_on: dict[torch.device, torch.Tensor] = {}
         # Slots of each module, so a hook finds its (at most two) slices without a search.
         self.module_slots: dict[nn.Module, list[Target]] = {}
         for target in targets:
             self.module_slots.setdefault(target.module, []).append(target)
 
+    @classmethod
+    def of(cls, encoder: nn.Module, weights: BaseWeights) -> DeltaTargets:
+        """The table for ``weights``' index space, built once per encoder and shared by engine and registry."""
+        targets = _BY_ENCODER.get(encoder)
+        if targets is None or targets.weights is not weights:
+            targets = _BY_ENCODER[encoder] = cls(encoder, weights)
+        return targets
+
     def __len__(self) -> int:
         return len(self.targets)
+
+    def tables_on(self, device: torch.device) -> torch.Tensor:
+        """``[in_features, param_offset]`` by slot on ``device``, copied there once (not once per batch)."""
+        if device not in self._tables_on:
+            self._tables_on[device] = self._tables.to(device)
+        return self._tables_on[device]
 
     def slot(self, param: str) -> int | None:
         target = self.by_param.get(param)
         return None if target is None else target.slot
 
 
+_BY_ENCODER: weakref.WeakKeyDictionary[nn.Module, DeltaTargets] = weakref.WeakKeyDictionary()
+
+
 @dataclass
-class SlotEntries:
-    """One slot's share of a batch plan: rows, output index, input column (Linear weight only) and delta."""
+class Plan:
+    """A batch's delta entries grouped by slot: slot ``s`` owns ``[ranges[s][0], ranges[s][1])`` of each array."""
 
     rows: torch.Tensor
     out: torch.Tensor
     col: torch.Tensor
     delta: torch.Tensor
+    ranges: dict[int, tuple[int, int]]
 
 
-Plan = dict[int, SlotEntries]
+RowEntries = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def build_plan(
-    row_entries: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], targets: DeltaTargets, device: torch.device
-) -> Plan:
-    """Index arrays of a whole batch, grouped by slot.
+def build_plan(row_entries: Sequence[RowEntries], targets: DeltaTargets, device: torch.device) -> Plan:
+    """Index arrays of a whole batch, grouped by slot, without a sort.
 
-    ``row_entries[n]`` is row ``n``'s task entries ``(slots int16, flat indices int32, deltas)``: the same tensors
-    for every row of one task, so the concatenation below is the rows × entries product without a Python loop
-    over entries.
+    ``row_entries[n]`` is row ``n``'s task entries ``(slots, global indices, deltas, per-slot counts)``, sorted by
+    slot (the registry stores them so), and the same tensors for every row of one task: concatenating them is the
+    rows × entries product without a Python loop over entries. Each entry's place in the slot-grouped order is
+    computed from the per-slot counts (a counting sort): start of its slot + entries of earlier rows in that slot +
+    its rank within its own row's slot segment.
     """
-    if not row_entries:
-        return {}
-    counts = torch.tensor([int(entry[0].numel()) for entry in row_entries], device=device)
+    counts = torch.stack([entry[3] for entry in row_entries])  # rows × slots
     slots = torch.cat([entry[0] for entry in row_entries]).to(torch.int64)
-    flat = torch.cat([entry[1] for entry in row_entries])
+    flat = torch.cat([entry[1] for entry in row_entries]).to(torch.int64)
     delta = torch.cat([entry[2] for entry in row_entries])
-    rows = torch.repeat_interleave(torch.arange(len(row_entries), device=device), counts)
-    order = torch.argsort(slots, stable=True)
-    slots, flat, delta, rows = slots[order], flat[order], delta[order], rows[order]
-    width = targets.in_features.to(device)[slots]
-    out, col = flat // width, flat % width
-    per_slot = torch.bincount(slots, minlength=len(targets)).tolist()
-    plan: Plan = {}
+    per_row = counts.sum(1)
+    rows = torch.repeat_interleave(torch.arange(len(row_entries), device=device), per_row)
+    slot_total = counts.sum(0)
+    # destination = start of the slot + entries of earlier rows in that slot + rank within the row's segment,
+    # with rank = position in the concatenation − start of the row − entries of earlier slots in the row.
+    # Everything but the position depends only on (row, slot): computed on the small rows × slots table.
+    table = (
+        (torch.cumsum(slot_total, 0) - slot_total)[None, :]
+        + (torch.cumsum(counts, 0) - counts)
+        - (torch.cumsum(counts, 1) - counts)
+        - (torch.cumsum(per_row, 0) - per_row)[:, None]
+    )
+    key = rows * counts.shape[1] + slots
+    destination = table.view(-1)[key] + torch.arange(flat.numel(), device=device)
+    tables = targets.tables_on(device)
+    local = flat - tables[1][slots]
+    width = tables[0][slots]
+    ints = torch.stack([rows, local // width, local % width])
+    grouped = torch.empty_like(ints)
+    grouped[:, destination] = ints
+    grouped_delta = torch.empty_like(delta)
+    grouped_delta[destination] = delta
+    ranges = {}
     start = 0
-    for slot, count in enumerate(per_slot):
+    for slot, count in enumerate(slot_total.tolist()):
         if count:
-            end = start + count
-            plan[slot] = SlotEntries(rows[start:end], out[start:end], col[start:end], delta[start:end])
-            start = end
-    return plan
+            ranges[slot] = (start, start + count)
+            start += count
+    return Plan(grouped[0], grouped[1], grouped[2], grouped_delta, ranges)
 
 
 class DeltaHooks:
     """Forward hooks on the encoder's Linear and LayerNorm modules that add per-row sparse deltas.
 
-    Inert unless :attr:`plan` is set, which only the engine's inference thread does, around one forward pass
-    (``with hooks.active(plan):``); the hooks never write to a parameter.
+    Inert unless :attr:`plan` is set, which only the engine's inference thread does, around one forward pass;
+    the hooks never write to a parameter.
     """
 
     def __init__(self, targets: DeltaTargets) -> None:
@@ -129,6 +169,12 @@ class DeltaHooks:
         self._handles = [
             module.register_forward_hook(partial(self._hook, slots)) for module, slots in targets.module_slots.items()
         ]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> DeltaHooks:
+        # A deep copy of the encoder (e.g. to materialize a graft) copies its hooks: the copy's must stay inert.
+        inert = DeltaHooks.__new__(DeltaHooks)
+        inert.targets, inert.plan, inert._handles = self.targets, None, []
+        return inert
 
     def close(self) -> None:
         for handle in self._handles:
@@ -139,24 +185,24 @@ class DeltaHooks:
         plan = self.plan
         if plan is None:
             return None
-        parts = [(target, plan[target.slot]) for target in slots if target.slot in plan]
+        parts = [(target, plan.ranges[target.slot]) for target in slots if target.slot in plan.ranges]
         if not parts:
             return None
         x = inputs[0]
         batch = output.shape[0]
         y = output.reshape(batch, -1, output.shape[-1])
         positions = torch.arange(y.shape[1], device=y.device)[None, :]
-        for target, entries in parts:
+        for target, (start, end) in parts:
+            rows, out, delta = plan.rows[start:end], plan.out[start:end], plan.delta[start:end, None].to(y.dtype)
             if target.role == LINEAR_WEIGHT:
                 source = x.reshape(batch, -1, x.shape[-1])
                 # source[rows, :, col] has shape (entries, positions): each entry's input column, per position
-                values = source[entries.rows, :, entries.col] * entries.delta[:, None].to(y.dtype)
+                values = source[rows, :, plan.col[start:end]] * delta
             elif target.role == NORM_WEIGHT:
                 assert isinstance(module, nn.LayerNorm)
                 normalised = functional.layer_norm(x, module.normalized_shape, None, None, module.eps)
-                source = normalised.reshape(batch, -1, normalised.shape[-1])
-                values = source[entries.rows, :, entries.out] * entries.delta[:, None].to(y.dtype)
+                values = normalised.reshape(batch, -1, normalised.shape[-1])[rows, :, out] * delta
             else:
-                values = entries.delta[:, None].to(y.dtype).expand(-1, y.shape[1])
-            y.index_put_((entries.rows[:, None], positions, entries.out[:, None]), values, accumulate=True)
+                values = delta.expand(-1, y.shape[1])
+            y.index_put_((rows[:, None], positions, out[:, None]), values, accumulate=True)
         return y.view(output.shape)

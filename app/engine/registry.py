@@ -30,6 +30,7 @@ import torch
 from app.engine.errors import TaskNotFound, TaskUnusable
 from app.engine.mixed import DeltaTargets
 from app.engine.store import StoredPatch, TaskStore, check_task_name
+from app.engine.weights import BaseWeights
 from app.grafting.base import BaseModel
 from app.grafting.heads import HeadError, HeadSpec, Tokenization, label_word_ids
 from app.grafting.patch import BaseMismatchError, GraftPatch, PatchError, load_patch, validate_patch
@@ -39,8 +40,9 @@ from app.grafting.patch import BaseMismatchError, GraftPatch, PatchError, load_p
 class EngineTask:
     """One task as the engine runs it: all tensors on the engine's device, entries packed into few tensors.
 
-    Entries of all touched parameters are concatenated (``params[i]`` owns ``[offsets[i], offsets[i+1])``) so a
-    task costs a handful of tensor objects, whatever the number of parameters it touches.
+    Entries of all touched parameters are concatenated, ordered by mixed-path slot (so a batch plan needs no
+    sort), as global indices into :class:`BaseWeights`' index space; a task costs a handful of tensor objects
+    whatever the number of parameters it touches.
     """
 
     name: str
@@ -49,15 +51,17 @@ class EngineTask:
     tokenization: Tokenization
     metadata: dict[str, Any]
     params: tuple[str, ...]
-    offsets: tuple[int, ...]
-    indices: torch.Tensor  # int32 flat indices into each parameter
+    indices: torch.Tensor  # global indices (parameter offset + flat index)
     values: torch.Tensor  # fine-tuned values (swap path: written in, bit-exact)
     deltas: torch.Tensor  # values − base (mixed path: added to layer outputs)
     slots: torch.Tensor  # int16 slot of each entry in DeltaTargets (mixed path)
-    value_dtypes: tuple[torch.dtype, ...]
-    mixable: bool
+    slot_counts: torch.Tensor | None  # entries per slot (mixed path); None when not mixable
     label_ids: torch.Tensor | None = None
     head: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def mixable(self) -> bool:
+        return self.slot_counts is not None
 
     @property
     def num_entries(self) -> int:
@@ -66,42 +70,33 @@ class EngineTask:
     @property
     def nbytes(self) -> int:
         tensors = [self.indices, self.values, self.deltas, self.slots, *self.head.values()]
-        if self.label_ids is not None:
-            tensors.append(self.label_ids)
+        tensors += [t for t in (self.label_ids, self.slot_counts) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def swap_entries(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """``{param: (indices, values)}`` views in the form ``apply_patch`` takes."""
-        out = {}
-        for i, name in enumerate(self.params):
-            start, end = self.offsets[i], self.offsets[i + 1]
-            out[name] = (self.indices[start:end], self.values[start:end].to(self.value_dtypes[i]))
-        return out
-
-    def mixed_entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.slots, self.indices, self.deltas
+    def mixed_entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        assert self.slot_counts is not None, f"task {self.name} is not mixable"
+        return self.slots, self.indices, self.deltas, self.slot_counts
 
 
 class TaskRegistry:
     """Tasks by name over a :class:`TaskStore`, cached for the engine (see the module docstring for the policy).
 
-    ``weights_lock`` is the engine's lock over the base weights: deltas are read from the base under it, so they
-    are never computed while another task's patch is swapped in.
+    Deltas are read from the base under ``weights.lock``, so they are never computed while another task's patch
+    is swapped in.
     """
 
     def __init__(
         self,
         store: TaskStore,
         base: BaseModel,
-        targets: DeltaTargets,
-        weights_lock: threading.Lock,
+        weights: BaseWeights,
         cache_bytes: int,
         max_length: int,
     ) -> None:
         self.store = store
         self.base = base
-        self.targets = targets
-        self.weights_lock = weights_lock
+        self.weights = weights
+        self.targets = DeltaTargets.of(base.encoder, weights)
         self.cache_bytes = cache_bytes
         self.max_length = max_length
         self.device = next(base.encoder.parameters()).device
@@ -245,53 +240,45 @@ class TaskRegistry:
     def _load(self, stored: StoredPatch) -> EngineTask:
         patch = self.check_file(stored.path)
         tokenization = Tokenization(self.base.tokenizer, patch.spec, self.max_length)
-        names = tuple(patch.entries)
-        offsets = [0]
-        for name in names:
-            offsets.append(offsets[-1] + int(patch.entries[name][0].numel()))
-        dtypes = tuple(patch.entries[name][1].dtype for name in names)
+        slot_of = {name: self.targets.slot(name) for name in patch.entries}
+        mixable = all(slot is not None for slot in slot_of.values())
+        # Slot order lets a batch plan group entries without sorting; each parameter is one slot, so its
+        # entries stay contiguous.
+        names = sorted(patch.entries, key=lambda n: (slot_of[n] if slot_of[n] is not None else -1, n))
+        index_dtype = self.weights.index_dtype
+        dtypes = {patch.entries[name][1].dtype for name in names}
         # One dtype in practice; float64 holds any narrower float exactly if a base mixes dtypes.
-        packed_dtype = dtypes[0] if len(set(dtypes)) == 1 else torch.float64
+        packed_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float64
         if names:
-            indices = torch.cat([patch.entries[n][0] for n in names]).to(torch.int32)
+            indices = torch.cat([patch.entries[n][0] + self.weights.offsets[n] for n in names]).to(index_dtype)
             values = torch.cat([patch.entries[n][1].to(packed_dtype) for n in names])
+            slots = torch.cat(
+                [torch.full((patch.entries[n][0].numel(),), slot_of[n] or 0, dtype=torch.int16) for n in names]
+            )
         else:
-            indices, values = torch.zeros(0, dtype=torch.int32), torch.zeros(0)
-        slots_list = [self.targets.slot(name) for name in names]
-        mixable = all(slot is not None for slot in slots_list)
-        slots = torch.cat(
-            [
-                torch.full((offsets[i + 1] - offsets[i],), -1 if slot is None else slot, dtype=torch.int16)
-                for i, slot in enumerate(slots_list)
-            ]
-            or [torch.zeros(0, dtype=torch.int16)]
-        )
+            indices = torch.zeros(0, dtype=index_dtype)
+            values = torch.zeros(0, dtype=next(iter(self._parameters.values())).dtype)
+            slots = torch.zeros(0, dtype=torch.int16)
+        slot_counts = torch.bincount(slots.to(torch.int64), minlength=len(self.targets)) if mixable else None
         indices, values, slots = indices.to(self.device), values.to(self.device), slots.to(self.device)
-        originals = torch.empty_like(values)
-        with self.weights_lock:  # pristine base: no patch is swapped in while we hold it
-            for i, name in enumerate(names):
-                flat = self._parameters[name].detach().view(-1)
-                start, end = offsets[i], offsets[i + 1]
-                originals[start:end] = flat[indices[start:end]].to(packed_dtype)
+        with self.weights.lock:  # pristine base: no patch is swapped in while we hold it
+            originals = self.weights.read(indices).to(values.dtype)
         label_ids = None
         if patch.spec.mode == "prompt":
             label_ids = torch.tensor(label_word_ids(self.base.tokenizer, patch.spec.label_words or ()))
-            label_ids = label_ids.to(self.device)
         return EngineTask(
             name=stored.name,
             etag=stored.etag,
             spec=patch.spec,
             tokenization=tokenization,
             metadata=patch.metadata(),
-            params=names,
-            offsets=tuple(offsets),
+            params=tuple(names),
             indices=indices,
             values=values,
             deltas=values - originals,
             slots=slots,
-            value_dtypes=dtypes,
-            mixable=mixable,
-            label_ids=label_ids,
+            slot_counts=None if slot_counts is None else slot_counts.to(self.device),
+            label_ids=None if label_ids is None else label_ids.to(self.device),
             head={k: v.to(self.device) for k, v in patch.head.items()},
         )
 

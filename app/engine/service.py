@@ -19,7 +19,6 @@ import torch
 
 from app.engine.engine import Engine, EngineConfig
 from app.engine.errors import InvalidInput, LimitExceeded, NotReady, TaskNotFound
-from app.engine.mixed import DeltaTargets
 from app.engine.registry import EngineTask, TaskRegistry
 from app.engine.store import LocalTaskStore, StoredPatch, TaskStore, check_task_name
 from app.grafting.base import BaseModel
@@ -85,9 +84,8 @@ class InferenceService:
         self.limits = limits
         self.engine_config = engine_config
         self.max_length = max_length
-        targets = DeltaTargets(base.encoder)
-        self.engine = Engine(base, engine_config, targets)
-        self.registry = TaskRegistry(store, base, targets, self.engine.weights_lock, cache_bytes, max_length)
+        self.engine = Engine(base, engine_config)
+        self.registry = TaskRegistry(store, base, self.engine.weights, cache_bytes, max_length)
         self.device = str(self.engine.device)
 
     @classmethod

@@ -1,0 +1,436 @@
+"""Serving cost: what grafted traffic costs over the plain base, patch swap time, memory, and HTTP latency.
+
+    python benchmarks/serve_bench.py [--inputs 384] [--window 64] [--http-requests 8]
+
+One run, side by side, on the packaged all-MiniLM-L6-v2 and this machine's CPU (or GPU with --device cuda).
+Patches are synthetic: for each task a random mask of ⌊1e-4·|E|⌋ entries over the eligible set E (what a top-|δ|
+mask of i.i.d. task-vector noise looks like) with values θ_pre + N(0, 0.02²), in prompt mode — no fine-tuning is
+run. Texts are synthetic sentences of 6–30 words. Prints a table and writes benchmarks/results/serve_bench.json.
+
+Measured:
+* engine throughput (inputs/s) of the plain base (an empty patch) vs traffic spread uniformly over 1, 10, 100 and
+  1,000 tasks, for the swap-only policy (batches grouped by task), mixed, and the engine's own choice (auto); the
+  same closed-loop arrival stream (``--window`` single-input requests outstanding) and batch limits for all;
+  the base is re-measured before each task count so the ratios compare neighbouring runs on a shared machine;
+* patch apply + restore time per batch at sparsity 1e-4, and the mixed path's per-batch index building;
+* process RSS (fresh processes) with 1,000 tasks cached vs none;
+* the naive peer: one full fine-tuned model per task in memory (5 loaded, extrapolated);
+* HTTP p50/p99 latency and throughput against a real uvicorn with 32 concurrent clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import gc
+import json
+import math
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from app.engine.engine import Engine, EngineConfig  # noqa: E402
+from app.engine.mixed import build_plan  # noqa: E402
+from app.engine.registry import EngineTask, TaskRegistry  # noqa: E402
+from app.engine.store import LocalTaskStore  # noqa: E402
+from app.engine.weights import BaseWeights  # noqa: E402
+from app.grafting.base import BaseModel, EligibleRule, load_base  # noqa: E402
+from app.grafting.heads import Encoded, Example, HeadSpec  # noqa: E402
+from app.grafting.patch import GraftPatch, save_patch  # noqa: E402
+
+SPARSITY = 1e-4
+SPEC = HeadSpec("prompt", ("negative", "positive"), "{text} It was {mask} .", ("terrible", "great"))
+WORDS = (  # noqa: SIM905 - a sentence reads better than a list of fifty strings
+    "the film story cast music acting plot scene director camera light dark slow fast funny sad warm cold "
+    "brilliant dull moving flat honest clever tired fresh long short quiet loud gentle bitter sweet strange "
+    "familiar simple careful messy bold timid real fake hour minute moment ending opening character voice"
+).split()
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def trim() -> None:
+    gc.collect()
+    # give freed heap pages back so RSS compares live memory, not allocator history
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def texts(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 30))) for _ in range(n)]
+
+
+def synthetic_patch(base: BaseModel, task: str, seed: int, sparsity: float = SPARSITY) -> GraftPatch:
+    params = base.parameters
+    names = EligibleRule().select(list(params))
+    sizes = torch.tensor([params[n].numel() for n in names])
+    total = int(sizes.sum())
+    k = max(1, math.floor(sparsity * total))
+    generator = torch.Generator().manual_seed(seed)
+    flat = torch.unique(torch.randint(0, total, (k,), generator=generator))
+    bounds = torch.cumsum(sizes, 0)
+    owner = torch.searchsorted(bounds, flat, right=True)
+    starts = bounds - sizes
+    entries = {}
+    for i in owner.unique().tolist():
+        local = flat[owner == i] - starts[i]
+        base_values = params[names[i]].detach().reshape(-1)[local]
+        noise = torch.randn(local.numel(), generator=generator) * 0.02
+        entries[names[i]] = (local.to(torch.int64), (base_values + noise).to(base_values.dtype))
+    return GraftPatch(task, SPEC, base.fingerprint, entries, eligible_size=total, method="synthetic")
+
+
+def empty_patch(base: BaseModel) -> GraftPatch:
+    return GraftPatch("base", SPEC, base.fingerprint, {}, method="none")
+
+
+def write_store(base: BaseModel, root: Path, n_tasks: int) -> LocalTaskStore:
+    store = LocalTaskStore(root)
+    folder = root / "tasks"
+    save_patch(empty_patch(base), folder / "base" / "patch.safetensors")
+    for i in range(n_tasks):
+        save_patch(synthetic_patch(base, f"task{i:04d}", seed=i + 1), folder / f"task{i:04d}" / "patch.safetensors")
+    return store
+
+
+# -- engine throughput -----------------------------------------------------------------------------------------
+
+
+def stream(engine: Engine, rows: list[tuple[EngineTask, Encoded]], window: int) -> float:
+    """Closed loop: ``window`` single-input requests outstanding; returns inputs/s over the whole stream."""
+    lock = threading.Lock()
+    done = threading.Event()
+    state = {"next": 0, "completed": 0}
+
+    def submit_next() -> None:
+        with lock:
+            i = state["next"]
+            if i >= len(rows):
+                return
+            state["next"] = i + 1
+        engine.submit([rows[i]]).add_done_callback(finished)
+
+    def finished(future: Any) -> None:
+        future.result()
+        with lock:
+            state["completed"] += 1
+            last = state["completed"] == len(rows)
+        if last:
+            done.set()
+        else:
+            submit_next()
+
+    start = time.perf_counter()
+    for _ in range(window):
+        submit_next()
+    done.wait()
+    return len(rows) / (time.perf_counter() - start)
+
+
+def engine_throughput(base: BaseModel, registry: TaskRegistry, args: argparse.Namespace) -> list[dict[str, Any]]:
+    pool = texts(args.inputs, seed=1)
+    tokenization = registry.get("base").tokenization
+    encoded = tokenization.encode_many([Example(t, -1) for t in pool])
+    base_task = registry.get("base")
+    tasks = {i: registry.get(f"task{i:04d}") for i in range(max(args.task_counts))}
+    config = {"max_batch_size": args.batch, "max_batch_wait_ms": args.wait_ms, "max_queue": 1 << 16}
+
+    def run(policy: str, stream_rows: list[tuple[EngineTask, Encoded]]) -> float:
+        engine = Engine(base, EngineConfig(policy=policy, **config), registry.weights)  # type: ignore[arg-type]
+        try:
+            stream(engine, stream_rows[: args.batch * 2], args.window)  # warm-up
+            return stream(engine, stream_rows, args.window)
+        finally:
+            engine.close()
+
+    results = []
+    for count in args.task_counts:
+        rng = random.Random(count)
+        assignment = [rng.randrange(count) for _ in encoded]  # uniform over `count` tasks, same texts for all
+        grafted = [(tasks[a], e) for a, e in zip(assignment, encoded, strict=True)]
+        plain = [(base_task, e) for e in encoded]
+        runs: dict[str, list[float]] = {"base": [], "swap": [], "mixed": [], "auto": []}
+        # Interleaved rounds, median per configuration: the machine is shared, so load drifts between runs.
+        for _ in range(args.rounds):
+            runs["base"].append(run("swap", plain))
+            for policy in ("swap", "mixed", "auto"):
+                runs[policy].append(run(policy, grafted))
+        row: dict[str, Any] = {"tasks": count, "runs": runs}
+        for name, values in runs.items():
+            row[name] = statistics.median(values)
+        for policy in ("swap", "mixed", "auto"):
+            row[f"{policy}_ratio"] = row[policy] / row["base"]
+        results.append(row)
+        print(
+            f"  {count:>5} tasks: base {row['base']:7.1f}/s  swap {row['swap']:7.1f} ({row['swap_ratio']:.3f})  "
+            f"mixed {row['mixed']:7.1f} ({row['mixed_ratio']:.3f})  auto {row['auto']:7.1f} ({row['auto_ratio']:.3f})",
+            flush=True,
+        )
+    return results
+
+
+def swap_timing(base: BaseModel, registry: TaskRegistry, batch: int) -> dict[str, float]:
+    task = registry.get("task0000")
+    weights = registry.weights
+    samples = []
+    for _ in range(300):
+        start = time.perf_counter()
+        with weights.lock:
+            saved = weights.apply(task.indices, task.values)
+            weights.restore(saved)
+        samples.append(time.perf_counter() - start)
+    plans = []
+    n_tasks = len(registry.store.list_names()) - 1
+    rows = [registry.get(f"task{i % n_tasks:04d}").mixed_entries() for i in range(batch)]
+    device = next(base.encoder.parameters()).device
+    for _ in range(100):
+        start = time.perf_counter()
+        build_plan(rows, registry.targets, device)
+        plans.append(time.perf_counter() - start)
+    return {
+        "entries": task.num_entries,
+        "params_touched": len(task.params),
+        "apply_restore_ms_median": statistics.median(samples) * 1e3,
+        "apply_restore_ms_p99": sorted(samples)[int(0.99 * len(samples))] * 1e3,
+        "mixed_plan_ms_median": statistics.median(plans) * 1e3,
+    }
+
+
+# -- memory probes (fresh processes) ---------------------------------------------------------------------------
+
+
+def probe(mode: str, store_dir: Path, n: int) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--probe", mode, "--probe-n", str(n), "--store", str(store_dir)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_probe(mode: str, store_dir: Path, n: int) -> dict[str, Any]:
+    base = load_base()
+    if mode == "rss":
+        engine = Engine(base, EngineConfig())
+        registry = TaskRegistry(LocalTaskStore(store_dir), base, engine.weights, 1 << 30, 128)
+        warm = registry.get("base")
+        engine.run([(warm, warm.tokenization.encode(Example("warm up the allocator", -1)))])
+        for i in range(n):
+            registry.get(f"task{i:04d}")
+        trim()
+        info = registry.cache_info()
+        engine.close()
+        return {"tasks": n, "rss_mb": rss_mb(), "cache_bytes": info["bytes"], "cached_tasks": info["tasks"]}
+    # naive peer: one full fine-tuned model per task, each loaded from disk like a separate deployment would
+    trim()
+    before = rss_mb()
+    models, start = [], time.perf_counter()
+    for _ in range(n):
+        models.append(load_base())
+    elapsed = time.perf_counter() - start
+    trim()
+    return {"models": n, "rss_mb_before": before, "rss_mb_after": rss_mb(), "load_s": elapsed}
+
+
+# -- HTTP --------------------------------------------------------------------------------------------------------
+
+
+def http_bench(store_dir: Path, n_tasks: int, clients: int, per_client: int) -> dict[str, Any]:
+    import httpx
+
+    from tests.utils.processes import Processes
+
+    log_dir = Path(tempfile.mkdtemp(prefix="serve-bench-logs-"))
+    procs = Processes({"SKILLGRAFT_STORE_DIR": str(store_dir)}, log_dir)
+    try:
+        url = procs.server(timeout=180)
+        pool = texts(64, seed=2)
+
+        async def drive() -> tuple[list[float], float]:
+            async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+                for i in range(n_tasks):  # warm the cache: load latency is not serving latency
+                    await http.post("/v1/classify", json={"task": f"task{i:04d}", "inputs": ["warm"]})
+                latencies: list[float] = []
+                rng = random.Random(3)
+
+                async def client() -> None:
+                    for _ in range(per_client):
+                        body = {"task": f"task{rng.randrange(n_tasks):04d}", "inputs": [rng.choice(pool)]}
+                        start = time.perf_counter()
+                        response = await http.post("/v1/classify", json=body)
+                        latencies.append(time.perf_counter() - start)
+                        response.raise_for_status()
+
+                start = time.perf_counter()
+                await asyncio.gather(*(client() for _ in range(clients)))
+                return latencies, time.perf_counter() - start
+
+        latencies, elapsed = asyncio.run(drive())
+    finally:
+        procs.stop_all()
+    latencies.sort()
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "tasks": n_tasks,
+        "p50_ms": latencies[len(latencies) // 2] * 1e3,
+        "p99_ms": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1e3,
+        "throughput_rps": len(latencies) / elapsed,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--inputs", type=int, default=384, help="inputs per throughput stream")
+    parser.add_argument("--window", type=int, default=64, help="single-input requests outstanding")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--wait-ms", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions per configuration")
+    parser.add_argument("--task-counts", type=int, nargs="+", default=[1, 10, 100, 1000])
+    parser.add_argument("--http-clients", type=int, default=32)
+    parser.add_argument("--http-requests", type=int, default=8, help="requests per HTTP client")
+    parser.add_argument("--http-tasks", type=int, default=100)
+    parser.add_argument("--naive-models", type=int, default=5)
+    parser.add_argument("--out", default=str(REPO / "benchmarks/results/serve_bench.json"))
+    parser.add_argument("--probe", choices=["rss", "naive"], help=argparse.SUPPRESS)
+    parser.add_argument("--probe-n", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--store", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.probe:
+        print(json.dumps(run_probe(args.probe, Path(args.store), args.probe_n)))
+        return
+
+    started = time.perf_counter()
+    base = load_base()
+    n_tasks = max(args.task_counts)
+    store_dir = Path(tempfile.mkdtemp(prefix="serve-bench-store-"))
+    print(f"writing {n_tasks} synthetic patches (sparsity {SPARSITY}) to {store_dir}", flush=True)
+    store = write_store(base, store_dir, n_tasks)
+    registry = TaskRegistry(store, base, BaseWeights.of(base.encoder), 1 << 30, 128)
+    load_start = time.perf_counter()
+    for i in range(n_tasks):
+        registry.get(f"task{i:04d}")
+    load_ms = (time.perf_counter() - load_start) / n_tasks * 1e3
+
+    print("engine throughput (inputs/s; ratio to the plain base):", flush=True)
+    throughput = engine_throughput(base, registry, args)
+    swap = swap_timing(base, registry, args.batch)
+    swap["task_load_validate_ms"] = load_ms
+    print(f"  apply+restore {swap['apply_restore_ms_median']:.3f} ms median ({swap['entries']} entries)", flush=True)
+
+    print("memory probes (fresh processes)...", flush=True)
+    rss_none = probe("rss", store_dir, 0)
+    rss_full = probe("rss", store_dir, n_tasks)
+    naive = probe("naive", store_dir, args.naive_models)
+    per_model_mb = (naive["rss_mb_after"] - naive["rss_mb_before"]) / args.naive_models
+    per_model_s = naive["load_s"] / args.naive_models
+    memory = {
+        "rss_mb_no_tasks": rss_none["rss_mb"],
+        "rss_mb_tasks_cached": rss_full["rss_mb"],
+        "tasks_cached": rss_full["cached_tasks"],
+        "cache_bytes": rss_full["cache_bytes"],
+        "rss_increase": rss_full["rss_mb"] / rss_none["rss_mb"] - 1,
+        "naive_models_loaded": args.naive_models,
+        "naive_mb_per_model": per_model_mb,
+        "naive_load_s_per_model": per_model_s,
+        "naive_extrapolated_mb": {str(n): per_model_mb * n for n in (100, 1000)},
+        "naive_extrapolated_load_s": {str(n): per_model_s * n for n in (100, 1000)},
+    }
+    print("HTTP (real uvicorn)...", flush=True)
+    http = http_bench(store_dir, min(args.http_tasks, n_tasks), args.http_clients, args.http_requests)
+
+    by_count = {row["tasks"]: row for row in throughput}
+    targets_met = {
+        "auto_ratio_at_100_tasks>=0.95": by_count.get(100, {}).get("auto_ratio", 0) >= 0.95,
+        "auto_ratio_at_1000_tasks>=0.9": by_count.get(1000, {}).get("auto_ratio", 0) >= 0.9,
+        "apply_restore<1ms": swap["apply_restore_ms_median"] < 1.0,
+        "rss_increase<=5%": memory["rss_increase"] <= 0.05,
+    }
+    result = {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "device": str(next(base.encoder.parameters()).device),
+            "note": "2-core CPU shared with other work while measured; ratios compare neighbouring runs",
+        },
+        "setup": {
+            "base": base.name,
+            "sparsity": SPARSITY,
+            "patches": "synthetic: random masks of floor(1e-4*|E|) entries, values theta_pre + N(0, 0.02^2), "
+            "prompt mode",
+            "inputs_per_stream": args.inputs,
+            "window": args.window,
+            "rounds": args.rounds,
+            "max_batch_size": args.batch,
+            "max_batch_wait_ms": args.wait_ms,
+        },
+        "throughput": throughput,
+        "swap": swap,
+        "memory": memory,
+        "http": http,
+        "targets_met": targets_met,
+        "wall_s": time.perf_counter() - started,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print_table(result)
+
+
+def print_table(r: dict[str, Any]) -> None:
+    print("\n| tasks | base in/s | swap in/s (ratio) | mixed in/s (ratio) | auto in/s (ratio) |")
+    print("|---:|---:|---:|---:|---:|")
+    for row in r["throughput"]:
+        print(
+            f"| {row['tasks']} | {row['base']:.1f} | {row['swap']:.1f} ({row['swap_ratio']:.3f}) | "
+            f"{row['mixed']:.1f} ({row['mixed_ratio']:.3f}) | {row['auto']:.1f} ({row['auto_ratio']:.3f}) |"
+        )
+    s, m, h = r["swap"], r["memory"], r["http"]
+    print(
+        f"\napply+restore per batch: {s['apply_restore_ms_median']:.3f} ms median, p99 {s['apply_restore_ms_p99']:.3f}"
+        f" ({s['entries']} entries over {s['params_touched']} tensors); mixed plan for a 32-task batch "
+        f"{s['mixed_plan_ms_median']:.3f} ms; load+validate {s['task_load_validate_ms']:.2f} ms/task"
+    )
+    print(
+        f"RSS: {m['rss_mb_no_tasks']:.0f} MB no tasks, {m['rss_mb_tasks_cached']:.0f} MB with "
+        f"{m['tasks_cached']} cached ({m['rss_increase'] * 100:+.1f}%, cache {m['cache_bytes'] / 2**20:.1f} MiB)"
+    )
+    print(
+        f"naive peer: {m['naive_mb_per_model']:.0f} MB and {m['naive_load_s_per_model']:.2f} s per full model; "
+        f"1000 tasks ≈ {m['naive_extrapolated_mb']['1000'] / 1024:.1f} GB, "
+        f"{m['naive_extrapolated_load_s']['1000']:.0f} s to load"
+    )
+    print(
+        f"HTTP ({h['clients']} clients, {h['requests']} requests over {h['tasks']} tasks): p50 {h['p50_ms']:.1f} ms, "
+        f"p99 {h['p99_ms']:.1f} ms, {h['throughput_rps']:.1f} req/s"
+    )
+    print("targets:", ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in r["targets_met"].items()))
+
+
+if __name__ == "__main__":
+    main()
