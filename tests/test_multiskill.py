@@ -3,6 +3,7 @@ stitch job end to end through the API on the tiny model."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -11,13 +12,15 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load
 
+from app.cli import main
 from app.config import Settings
 from app.grafting.base import BaseModel
+from app.grafting.checkpoint import load_checkpoint, split_for_base
 from app.grafting.data import default_data_dir
 from app.grafting.finetune import FinetuneConfig, finetune
 from app.grafting.heads import Example, HeadSpec
 from app.grafting.overlap import overlap_report
-from app.grafting.patch import GraftPatch, load_patch, patch_to_bytes
+from app.grafting.patch import GraftPatch, load_patch, patch_to_bytes, save_patch
 from app.grafting.stitch import stitch, stitched_state_dict
 from app.main import create_app
 from tests.conftest import REQUIRE_DATA
@@ -149,3 +152,30 @@ def test_stitch_job_end_to_end(tiny_base: BaseModel, tiny_base_dir: Path, tmp_pa
         result = client.post("/v1/classify", json={"tasks": ["combo.alpha", "combo.beta"], "inputs": ["a fine film"]})
         assert result.status_code == 200 and len(result.json()["results"]) == 2
         assert client.get("/v1/stitch/nothing").status_code == 404
+
+
+def test_cli_overlap_and_protected_finetune(tiny_base: BaseModel, tiny_base_dir: Path, tmp_path: Path) -> None:
+    alpha, beta = (
+        make_patch(tiny_base, "alpha", fraction=0.1, seed=1),
+        make_patch(tiny_base, "beta", fraction=0.1, seed=7),
+    )
+    files = [save_patch(p, tmp_path / f"{p.task}.safetensors") for p in (alpha, beta)]
+    tasks = ",".join(str(f) for f in files)
+    assert (
+        main(["overlap", "--base-model", str(tiny_base_dir), "--tasks", tasks, "--out", str(tmp_path / "o.json")]) == 0
+    )
+    report = json.loads((tmp_path / "o.json").read_text())
+    assert report["tasks"] == ["alpha", "beta"] and (tmp_path / "o.png").stat().st_size > 1000
+
+    train = tmp_path / "train.jsonl"
+    rows = [{"text": "a great film", "label": "positive"}, {"text": "an awful film", "label": "negative"}] * 4
+    train.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "ckpt"
+    argv = ["finetune", "--base-model", str(tiny_base_dir), "--train", str(train), "--template", SPEC.template]
+    argv += ["--label-words", "terrible,great", "--epochs", "1", "--protect", tasks, "--out", str(out)]
+    assert main(argv) == 0
+    body = split_for_base(load_checkpoint(out), tiny_base).body
+    start = stitched_state_dict(tiny_base.parameters, stitch(tiny_base.parameters, [alpha, beta]))
+    for patch in (alpha, beta):
+        for name, (indices, _) in patch.entries.items():
+            assert torch.equal(body[name].reshape(-1)[indices], start[name].reshape(-1)[indices]), name

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from app.cli import config, datasets, finetune, localize, patch_info, serve, submit, worker
+from app.cli import config, datasets, finetune, localize, overlap, patch_info, serve, submit, worker
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,7 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="skillgraft", description="Skill localization by model grafting: fine-tune, localize, serve."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (datasets, finetune, localize, patch_info, serve, submit, worker, config):
+    for module in (datasets, finetune, localize, patch_info, serve, submit, worker, config, overlap):
         module.register(commands)
     return parser
 

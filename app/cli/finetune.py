@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 from app.cli.common import (
     ProgressBar,
@@ -12,9 +13,12 @@ from app.cli.common import (
     print_json,
     task_data_from,
 )
+from app.cli.overlap import add_task_source_options, resolve_patches
 from app.grafting.base import load_base
 from app.grafting.checkpoint import save_checkpoint
 from app.grafting.finetune import FinetuneConfig, finetune
+from app.grafting.patch import GraftPatch, grafted
+from app.grafting.stitch import member_patch, stitch
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -30,6 +34,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     group.add_argument("--weight-decay", type=float, default=0.0)
     group.add_argument("--l1", type=float, default=0.0, help="ℓ1 pull towards the base: λ·Σ|θ − θ_pre|")
     group.add_argument("--max-length", type=int, default=128)
+    group = parser.add_argument_group("continual skills")
+    group.add_argument(
+        "--protect",
+        help="comma-separated tasks (store names or patch files): start from their stitched grafts and freeze "
+        "the union of their masks, so the new task cannot overwrite them",
+    )
+    add_task_source_options(group)
     parser.add_argument("--out", required=True, help="output checkpoint folder")
     parser.set_defaults(run=run)
 
@@ -51,11 +62,22 @@ def run(args: argparse.Namespace) -> int:
         max_length=args.max_length,
     )
     bar = ProgressBar("finetune")
+    start: GraftPatch | None = None
+    masks = None
+    protected: dict[str, object] = {}
+    if args.protect:
+        patches = resolve_patches(args.protect, args.store_dir, base)
+        stitched = stitch(base.parameters, list(patches.values()))
+        start = member_patch(stitched, next(iter(patches.values())), "start")
+        masks = stitched.masks({name: p.shape for name, p in base.parameters.items()})
+        protected = {"protect": list(patches), "protected_entries": stitched.size}
     try:
-        result = finetune(base, spec, data.train, data.dev, config, progress=bar)
+        # the earlier skills are written into the base for the copy fine-tuning starts from, then restored
+        with grafted(base.parameters, start) if start is not None else contextlib.nullcontext():
+            result = finetune(base, spec, data.train, data.dev, config, progress=bar, protect=masks)
     finally:
         bar.close()
-    record = {**result.training_record(), "dataset": args.dataset, "k": args.k}
+    record = {**result.training_record(), "dataset": args.dataset, "k": args.k, **protected}
     save_checkpoint(args.out, base, result.body, spec, result.head, training=record)
-    print_json({"checkpoint": args.out, **result.metrics})
+    print_json({"checkpoint": args.out, **result.metrics, **protected})
     return 0
