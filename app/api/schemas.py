@@ -162,6 +162,9 @@ class PredictionPublic(BaseModel):
     label: str = Field(examples=["positive"])
     score: float = Field(description="Probability of `label`.", examples=[0.93])
     probabilities: dict[str, float] | None = Field(None, description="Every label's probability, on request.")
+    truncated: bool = Field(
+        False, description="True when the input was longer than the model's token limit and its end was cut off."
+    )
 
 
 class TaskPredictionsPublic(BaseModel):

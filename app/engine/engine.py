@@ -21,7 +21,7 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -35,6 +35,7 @@ from app.engine.registry import EngineTask
 from app.engine.weights import BaseWeights
 from app.grafting.base import BaseModel
 from app.grafting.heads import Batch, Encoded, classifier_logits, collate, encoder_hidden, prompt_logits
+from app.observability import observe_batch, observe_inputs, observe_patch_swap
 
 log = logging.getLogger(__name__)
 
@@ -244,15 +245,21 @@ class Engine:
         task = rows[0].task
         batch = self._collate(rows)
         with self.weights.lock:
+            started = time.perf_counter()
             saved = self.weights.apply(task.indices, task.values)
+            applied = time.perf_counter()
             try:
                 hidden = encoder_hidden(self.base.encoder, batch)
                 # The head runs before the restore: a prompt head reads the (possibly patched) embedding table.
                 logits = self._head(task, hidden, batch.mask_positions)
             finally:
+                restoring = time.perf_counter()
                 self.weights.restore(saved)
+                observe_patch_swap("restore", time.perf_counter() - restoring)
+            observe_patch_swap("apply", applied - started)
         self._deliver(rows, logits)
         self.stats.swap_batches += 1
+        observe_batch("swap", len(rows))
 
     @torch.inference_mode()
     def _run_mixed(self, rows: list[_Row]) -> None:
@@ -277,6 +284,7 @@ class Engine:
             assert logits_row is not None
             row.ticket.set_row(row.slot, logits_row)
         self.stats.mixed_batches += 1
+        observe_batch("mixed", len(rows))
         self._count(rows)
 
     def _head(self, task: EngineTask, hidden: torch.Tensor, mask_positions: torch.Tensor | None) -> torch.Tensor:
@@ -296,3 +304,5 @@ class Engine:
     def _count(self, rows: list[_Row]) -> None:
         self.stats.batches += 1
         self.stats.rows += len(rows)
+        for name, count in Counter(row.task.name for row in rows).items():
+            observe_inputs(name, count)

@@ -37,6 +37,8 @@ class Prediction:
     label: str
     score: float
     probabilities: dict[str, float] | None = None
+    # the input was longer than max_length tokens and was cut to fit
+    truncated: bool = False
 
 
 @dataclass(frozen=True)
@@ -125,14 +127,15 @@ class InferenceService:
         self.check_request(tasks, inputs)
         rows, resolved = await anyio.to_thread.run_sync(self.prepare, list(tasks), list(inputs))
         logits = await asyncio.wrap_future(self.engine.submit(rows))
-        return self.decode(resolved, len(inputs), logits, return_probabilities)
+        return self.decode(resolved, len(inputs), logits, return_probabilities, [enc.truncated for _, enc in rows])
 
     def classify_sync(
         self, tasks: Sequence[str], inputs: Sequence[TextInput], return_probabilities: bool = False
     ) -> list[TaskPredictions]:
         self.check_request(tasks, inputs)
         rows, resolved = self.prepare(list(tasks), list(inputs))
-        return self.decode(resolved, len(inputs), self.engine.run(rows), return_probabilities)
+        truncated = [enc.truncated for _, enc in rows]
+        return self.decode(resolved, len(inputs), self.engine.run(rows), return_probabilities, truncated)
 
     def check_request(self, tasks: Sequence[str], inputs: Sequence[TextInput]) -> None:
         limits = self.limits
@@ -168,18 +171,24 @@ class InferenceService:
 
     @staticmethod
     def decode(
-        tasks: list[EngineTask], n_inputs: int, logits: list[torch.Tensor], return_probabilities: bool
+        tasks: list[EngineTask],
+        n_inputs: int,
+        logits: list[torch.Tensor],
+        return_probabilities: bool,
+        truncated: Sequence[bool] | None = None,
     ) -> list[TaskPredictions]:
+        """Logits (task-major, as ``prepare`` ordered the rows) to predictions; ``truncated`` in the same order."""
         out = []
         for t, task in enumerate(tasks):
             block = torch.stack(logits[t * n_inputs : (t + 1) * n_inputs]).double()
             probabilities = torch.softmax(block, dim=-1).tolist()
             labels = task.spec.labels
             predictions = []
-            for row in probabilities:
+            for i, row in enumerate(probabilities):
                 best = max(range(len(row)), key=row.__getitem__)
                 shown = {label: p for label, p in zip(labels, row, strict=True)} if return_probabilities else None
-                predictions.append(Prediction(labels[best], row[best], shown))
+                cut = bool(truncated[t * n_inputs + i]) if truncated is not None else False
+                predictions.append(Prediction(labels[best], row[best], shown, cut))
             out.append(TaskPredictions(task.name, predictions))
         return out
 

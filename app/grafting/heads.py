@@ -140,6 +140,8 @@ class Encoded:
     input_ids: list[int]
     token_type_ids: list[int]
     mask_position: int = -1
+    # True when the text did not fit in max_length tokens and its end was cut off
+    truncated: bool = False
 
 
 @dataclass
@@ -187,8 +189,13 @@ class Tokenization:
                 max_length=self.max_length,
             )
             types = enc.get("token_type_ids") or [0] * len(enc["input_ids"])
-            return Encoded(list(enc["input_ids"]), list(types))
+            truncated = len(enc["input_ids"]) >= self.max_length and self._longer_than_limit(example)
+            return Encoded(list(enc["input_ids"]), list(types), truncated=truncated)
         return self._encode_prompt(example)
+
+    def _longer_than_limit(self, example: Example) -> bool:
+        full = self.tokenizer(example.text, example.text_pair, truncation=False)["input_ids"]
+        return len(full) > self.max_length
 
     def _encode_prompt(self, example: Example) -> Encoded:
         tok = self.tokenizer
@@ -204,6 +211,7 @@ class Tokenization:
                 pieces.append(("text", tok(example.text_pair or "", add_special_tokens=False)["input_ids"]))
         budget = self.max_length - 2  # [CLS] ... [SEP] (RoBERTa: <s> ... </s>)
         # Truncate the longest text piece first, never the template or the mask.
+        truncated = sum(len(ids) for _, ids in pieces) > budget
         while sum(len(ids) for _, ids in pieces) > budget:
             longest = max((i for i, (k, _) in enumerate(pieces) if k == "text"), key=lambda i: len(pieces[i][1]))
             if not pieces[longest][1]:
@@ -212,7 +220,7 @@ class Tokenization:
         body = [token for _, ids in pieces for token in ids]
         input_ids = [tok.cls_token_id, *body, tok.sep_token_id]
         mask_position = input_ids.index(tok.mask_token_id)
-        return Encoded(input_ids, [0] * len(input_ids), mask_position)
+        return Encoded(input_ids, [0] * len(input_ids), mask_position, truncated)
 
     def encode_many(self, examples: Sequence[Example]) -> list[Encoded]:
         return [self.encode(example) for example in examples]

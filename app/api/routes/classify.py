@@ -29,7 +29,7 @@ async def classify(service: ServiceDep, body: ClassifyRequest) -> ClassifyRespon
             TaskPredictionsPublic(
                 task=result.task,
                 predictions=[
-                    PredictionPublic(label=p.label, score=p.score, probabilities=p.probabilities)
+                    PredictionPublic(label=p.label, score=p.score, probabilities=p.probabilities, truncated=p.truncated)
                     for p in result.predictions
                 ],
             )
