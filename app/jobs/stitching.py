@@ -29,7 +29,7 @@ from app.grafting.heads import TaskModel, Tokenization
 from app.grafting.inference import accuracy, predict_logits
 from app.grafting.patch import GraftPatch, atomic_write, grafted, load_patch, patch_to_bytes, validate_patch
 from app.grafting.stitch import StitchError, member_patch, stitch, stitched_state_dict
-from app.jobs.models import JobRecord, JobState, StitchSpec, member_name, stitch_job_id
+from app.jobs.models import JobRecord, JobState, StitchSpec, member_name, stitch_job_id, utc_now
 from app.jobs.service import JobService, QueueUnavailable, TaskExists
 from app.jobs.work import JobContext, Phases, finish
 
@@ -114,7 +114,11 @@ def run_stitch_job(ctx: JobContext, record: JobRecord) -> dict[str, Any] | None:
     phases = Phases()
     total = len(spec.tasks)
     ctx.jobs.update(
-        record.id, state=JobState.running, attempts=record.attempts + 1, progress={"phase": "load", "total": total}
+        record.id,
+        state=JobState.running,
+        started_at=utc_now(),
+        attempts=record.attempts + 1,
+        progress={"phase": "load", "step": 0, "total": total},
     )
     base = ctx.base
     try:
