@@ -147,7 +147,7 @@ def test_a_full_batcher_answers_429(tiny_base_dir: Path, tmp_path: Path, tiny_ba
     with TestClient(app) as client:
         put(client, "t", patch_to_bytes(make_patch(tiny_base, "t")))
         service = app.state.service
-        service.registry.get("t")  # loaded now: loading reads the base under the lock this test is about to hold
+        service.registry.get("t")  # cached now, so the request below goes straight to the (blocked) queue
         with service.engine.weights.lock:  # the inference thread blocks on its first batch: the queue fills up
             filler, _ = service.prepare(["t"], [TextInput("x")] * 30)
             pending = service.engine.submit(filler)

@@ -115,7 +115,7 @@ RowEntries = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 def build_plan(row_entries: Sequence[RowEntries], targets: DeltaTargets, device: torch.device) -> Plan:
     """Index arrays of a whole batch, grouped by slot, without a sort.
 
-    ``row_entries[n]`` is row ``n``'s task entries ``(slots, global indices, deltas, per-slot counts)``, sorted by
+    ``row_entries[n]`` is row ``n``'s task entries ``(slots, global indices, values, per-slot counts)``, sorted by
     slot (the registry stores them so), and the same tensors for every row of one task: concatenating them is the
     rows × entries product without a Python loop over entries. Each entry's place in the slot-grouped order is
     computed from the per-slot counts (a counting sort): start of its slot + entries of earlier rows in that slot +
@@ -124,7 +124,9 @@ def build_plan(row_entries: Sequence[RowEntries], targets: DeltaTargets, device:
     counts = torch.stack([entry[3] for entry in row_entries])  # rows × slots
     slots = torch.cat([entry[0] for entry in row_entries]).to(torch.int64)
     flat = torch.cat([entry[1] for entry in row_entries]).to(torch.int64)
-    delta = torch.cat([entry[2] for entry in row_entries])
+    values = torch.cat([entry[2] for entry in row_entries])
+    # δ = θ_ft − θ_pre, read now from the base, which is pristine outside swap batches (same thread, no patch in).
+    delta = values - targets.weights.read(flat).to(values.dtype)
     per_row = counts.sum(1)
     rows = torch.repeat_interleave(torch.arange(len(row_entries), device=device), per_row)
     slot_total = counts.sum(0)
@@ -189,20 +191,30 @@ class DeltaHooks:
         if not parts:
             return None
         x = inputs[0]
-        batch = output.shape[0]
-        y = output.reshape(batch, -1, output.shape[-1])
-        positions = torch.arange(y.shape[1], device=y.device)[None, :]
+        batch, width_out = output.shape[0], output.shape[-1]
+        # Flat, contiguous views: 1-D gathers and one 1-D index_add are several times faster than advanced
+        # indexing over (row, :, column) on the 3-D tensors.
+        y = output.reshape(batch, -1, width_out)
+        length = y.shape[1]
+        steps = torch.arange(length, device=y.device)[None, :]
+        targets, sources = [], []
         for target, (start, end) in parts:
             rows, out, delta = plan.rows[start:end], plan.out[start:end], plan.delta[start:end, None].to(y.dtype)
-            if target.role == LINEAR_WEIGHT:
-                source = x.reshape(batch, -1, x.shape[-1])
-                # source[rows, :, col] has shape (entries, positions): each entry's input column, per position
-                values = source[rows, :, plan.col[start:end]] * delta
-            elif target.role == NORM_WEIGHT:
-                assert isinstance(module, nn.LayerNorm)
-                normalised = functional.layer_norm(x, module.normalized_shape, None, None, module.eps)
-                values = normalised.reshape(batch, -1, normalised.shape[-1])[rows, :, out] * delta
+            if target.role in (LINEAR_WEIGHT, NORM_WEIGHT):
+                if target.role == LINEAR_WEIGHT:
+                    source, column = x, plan.col[start:end]
+                else:
+                    assert isinstance(module, nn.LayerNorm)
+                    source = functional.layer_norm(x, module.normalized_shape, None, None, module.eps)
+                    column = out
+                width_in = source.shape[-1]
+                flat_source = source.reshape(batch, length, width_in).contiguous().view(-1)
+                # entry e, position t reads source[rows[e], t, column[e]]
+                values = flat_source[(rows * (length * width_in) + column)[:, None] + steps * width_in] * delta
             else:
-                values = delta.expand(-1, y.shape[1])
-            y.index_put_((rows[:, None], positions, out[:, None]), values, accumulate=True)
+                values = delta.expand(-1, length)
+            targets.append(((rows * (length * width_out) + out)[:, None] + steps * width_out).reshape(-1))
+            sources.append(values.reshape(-1))
+        flat_y = y.view(-1)
+        flat_y.index_add_(0, torch.cat(targets), torch.cat(sources))
         return y.view(output.shape)

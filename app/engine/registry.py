@@ -23,7 +23,6 @@ from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -48,12 +47,12 @@ class EngineTask:
     name: str
     etag: str
     spec: HeadSpec
-    tokenization: Tokenization
-    metadata: dict[str, Any]
+    tokenization: Tokenization  # shared by tasks with the same head spec
     params: tuple[str, ...]
     indices: torch.Tensor  # global indices (parameter offset + flat index)
-    values: torch.Tensor  # fine-tuned values (swap path: written in, bit-exact)
-    deltas: torch.Tensor  # values − base (mixed path: added to layer outputs)
+    # Fine-tuned values: the swap path writes them in (bit-exact); the mixed path subtracts the base at the same
+    # indices per batch (the base is pristine then), so no delta copy is kept in memory.
+    values: torch.Tensor
     slots: torch.Tensor  # int16 slot of each entry in DeltaTargets (mixed path)
     slot_counts: torch.Tensor | None  # entries per slot (mixed path); None when not mixable
     label_ids: torch.Tensor | None = None
@@ -69,20 +68,22 @@ class EngineTask:
 
     @property
     def nbytes(self) -> int:
-        tensors = [self.indices, self.values, self.deltas, self.slots, *self.head.values()]
-        tensors += [t for t in (self.label_ids, self.slot_counts) if t is not None]
+        # label_ids are shared per head spec, like the tokenization: not counted per task
+        tensors = [self.indices, self.values, self.slots, *self.head.values()]
+        if self.slot_counts is not None:
+            tensors.append(self.slot_counts)
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def mixed_entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         assert self.slot_counts is not None, f"task {self.name} is not mixable"
-        return self.slots, self.indices, self.deltas, self.slot_counts
+        return self.slots, self.indices, self.values, self.slot_counts
 
 
 class TaskRegistry:
     """Tasks by name over a :class:`TaskStore`, cached for the engine (see the module docstring for the policy).
 
-    Deltas are read from the base under ``weights.lock``, so they are never computed while another task's patch
-    is swapped in.
+    Tasks with the same head spec share one tokenization and label-id tensor (a thousand tasks over one template
+    cost one), kept in a small table beside the cache.
     """
 
     def __init__(
@@ -106,6 +107,7 @@ class TaskRegistry:
         self._cached_bytes = 0
         self._loading: dict[tuple[str, str], Future[EngineTask]] = {}
         self._failures: dict[str, tuple[str, str]] = {}
+        self._heads: dict[HeadSpec, tuple[Tokenization, torch.Tensor | None]] = {}
         self.stats = {"hits": 0, "loads": 0, "evictions": 0}
 
     # -- lookups -----------------------------------------------------------------------------------------------
@@ -237,9 +239,23 @@ class TaskRegistry:
             self._cached_bytes -= evicted.nbytes
             self.stats["evictions"] += 1
 
+    def _head_of(self, spec: HeadSpec) -> tuple[Tokenization, torch.Tensor | None]:
+        with self._lock:
+            shared = self._heads.get(spec)
+        if shared is None:
+            label_ids = None
+            if spec.mode == "prompt":
+                label_ids = torch.tensor(label_word_ids(self.base.tokenizer, spec.label_words or ())).to(self.device)
+            shared = (Tokenization(self.base.tokenizer, spec, self.max_length), label_ids)
+            with self._lock:
+                if len(self._heads) >= 4096:  # many distinct specs: start over rather than grow without bound
+                    self._heads.clear()
+                shared = self._heads.setdefault(spec, shared)
+        return shared
+
     def _load(self, stored: StoredPatch) -> EngineTask:
         patch = self.check_file(stored.path)
-        tokenization = Tokenization(self.base.tokenizer, patch.spec, self.max_length)
+        tokenization, label_ids = self._head_of(patch.spec)
         slot_of = {name: self.targets.slot(name) for name in patch.entries}
         mixable = all(slot is not None for slot in slot_of.values())
         # Slot order lets a batch plan group entries without sorting; each parameter is one slot, so its
@@ -261,24 +277,17 @@ class TaskRegistry:
             slots = torch.zeros(0, dtype=torch.int16)
         slot_counts = torch.bincount(slots.to(torch.int64), minlength=len(self.targets)) if mixable else None
         indices, values, slots = indices.to(self.device), values.to(self.device), slots.to(self.device)
-        with self.weights.lock:  # pristine base: no patch is swapped in while we hold it
-            originals = self.weights.read(indices).to(values.dtype)
-        label_ids = None
-        if patch.spec.mode == "prompt":
-            label_ids = torch.tensor(label_word_ids(self.base.tokenizer, patch.spec.label_words or ()))
         return EngineTask(
             name=stored.name,
             etag=stored.etag,
             spec=patch.spec,
             tokenization=tokenization,
-            metadata=patch.metadata(),
             params=tuple(names),
             indices=indices,
             values=values,
-            deltas=values - originals,
             slots=slots,
             slot_counts=None if slot_counts is None else slot_counts.to(self.device),
-            label_ids=None if label_ids is None else label_ids.to(self.device),
+            label_ids=label_ids,
             head={k: v.to(self.device) for k, v in patch.head.items()},
         )
 
