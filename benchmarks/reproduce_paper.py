@@ -76,6 +76,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument(
+        "--from-json",
+        nargs="+",
+        default=None,
+        help="run nothing: merge these results.json files (e.g. runs split by mode) into one report in --out",
+    )
     args = parser.parse_args(argv)
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
@@ -515,8 +521,36 @@ def write_plot(path: Path, summary: dict[str, Any]) -> None:
     plt.close(fig)
 
 
+def merge(args: argparse.Namespace) -> int:
+    """Re-summarise earlier runs together; the grid (tasks, modes, sparsities, methods) is the union of theirs."""
+    rows: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
+    for file in args.from_json:
+        payload = json.loads(Path(file).read_text())
+        rows += payload["rows"]
+        runs += payload["runs"]
+        for name in ("tasks", "modes", "sparsities", "methods"):
+            merged = list(getattr(args, name)) if file != args.from_json[0] else []
+            merged += [v for v in payload["args"][name] if v not in merged]
+            setattr(args, name, merged)
+        args.k, args.test_limit = payload["args"]["k"], payload["args"]["test_limit"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarise(rows, runs, args)
+    sources = [str(f) for f in args.from_json]
+    (out / "results.json").write_text(
+        json.dumps({"args": vars(args), "merged_from": sources, "runs": runs, "rows": rows, **summary}, indent=1)
+    )
+    write_markdown(out / "results.md", summary, runs, args)
+    write_plot(out / "relative_gain.png", summary)
+    print(f"merged {len(sources)} result files into {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_json:
+        return merge(args)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
