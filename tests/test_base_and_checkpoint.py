@@ -128,3 +128,18 @@ def test_zipped_checkpoint(tiny_base: BaseModel, tmp_path: Path) -> None:
     assert loaded.head_spec("bert") == spec
     assert not (tmp_path.parent / "evil.txt").exists()
     assert json.loads((tmp_path / "unzipped" / "config.json").read_text())["skillgraft"]["head"]["mode"] == "prompt"
+
+
+def test_wrapping_the_shared_encoder_keeps_it_in_eval_mode(tiny_base: BaseModel) -> None:
+    """Scoring through a TaskModel must not leave the shared base with dropout switched on."""
+    from app.grafting.inference import predict_logits
+
+    spec = HeadSpec("classifier", ("a", "b"), classifier_kind="bert-pooler")
+    head = init_classifier_head("bert-pooler", 2, tiny_base.hidden_size, tiny_base.extra_weights, seed=0)
+    model = TaskModel(tiny_base.encoder, spec, tiny_base.tokenizer, head)
+    assert not model.training and not model.dropout.training
+    tokenization = Tokenization(tiny_base.tokenizer, spec)
+    first = predict_logits(model, tokenization, tokenization.encode_many([Example("same text", 0)]))
+    assert not tiny_base.encoder.training
+    again = predict_logits(model, tokenization, tokenization.encode_many([Example("same text", 0)]))
+    assert torch.equal(first, again)

@@ -103,6 +103,8 @@ class Engine:
     def __init__(self, base: BaseModel, config: EngineConfig, weights: BaseWeights | None = None) -> None:
         self.base = base
         self.config = config
+        # Serving is inference: dropout off, whatever another user of this base left switched on.
+        base.encoder.eval()
         self.weights = weights or BaseWeights.of(base.encoder)
         self.targets = DeltaTargets.of(base.encoder, self.weights)
         self.device = next(base.encoder.parameters()).device

@@ -354,6 +354,9 @@ class TaskModel(nn.Module):
             validate_head_tensors(spec, tensors, int(encoder.config.hidden_size))
             for name, tensor in tensors.items():
                 self.head[name.replace(".", "__")] = nn.Parameter(tensor.detach().clone(), requires_grad=False)
+        # Mirror the shared encoder's mode: wrapping an eval-mode base must not switch it (and its dropout) on
+        # when a caller later restores "the model's" mode.
+        self.train(encoder.training)
 
     def head_tensors(self) -> dict[str, torch.Tensor]:
         return {key.replace("__", "."): value for key, value in self.head.items()}
