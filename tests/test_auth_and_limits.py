@@ -35,6 +35,7 @@ def auth(key: str) -> dict[str, str]:
 
 
 def test_scope_table() -> None:
+    assert required_scope("GET", "/") is None
     assert required_scope("GET", "/health") is None and required_scope("GET", "/v2/health/ready") is None
     assert required_scope("GET", "/v1/tasks") == "read"
     assert required_scope("POST", "/v1/classify") == "read"

@@ -4,7 +4,6 @@ and two uploads racing for one task name."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import signal
@@ -19,43 +18,10 @@ import pytest
 
 from app.grafting.base import BaseModel
 from app.grafting.patch import patch_to_bytes, save_patch
+from tests.utils.http import JOB_SPEC, classify, upload, wait_job
 from tests.utils.processes import Processes, free_port
 from tests.utils.tiny import make_patch
-from tests.utils.uploads import PROMPT, jsonl, write_checkpoint
-
-SPEC = {
-    "task": "films",
-    "mode": "prompt",
-    "template": PROMPT.template,
-    "label_words": list(PROMPT.label_words or ()),
-    "sparsity": 0.01,
-    "steps": 2,
-}
-
-
-def upload(url: str, checkpoint: Path, spec: dict, train: bytes | None = None) -> httpx.Response:
-    files = {
-        "checkpoint": ("model.safetensors", checkpoint.read_bytes()),
-        "train": ("train.jsonl", train if train is not None else jsonl()),
-    }
-    return httpx.post(url + "/v1/tasks", files=files, data={"spec": json.dumps(spec)}, timeout=120)
-
-
-def classify(url: str, task: str) -> httpx.Response:
-    return httpx.post(url + "/v1/classify", json={"task": task, "inputs": ["a great film"]}, timeout=30)
-
-
-def wait_job(url: str, job_id: str, states: set[str], timeout: float, procs: Processes) -> dict:
-    deadline = time.monotonic() + timeout
-    job: dict = {}
-    while time.monotonic() < deadline:
-        response = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=10)
-        if response.status_code == 200:
-            job = response.json()
-            if job["state"] in states:
-                return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} never reached {states}: {job}\n{procs.logs()}")
+from tests.utils.uploads import jsonl, write_checkpoint
 
 
 class RedisServer:
@@ -138,25 +104,25 @@ def test_redis_outage(redis_server: RedisServer, tmp_path: Path, tiny_base_dir: 
         )
         assert classify(url, "served").status_code == 200
         checkpoint = write_checkpoint(tiny_base, tmp_path / "ckpt")
-        before = upload(url, checkpoint, SPEC)  # queued while no worker runs
+        before = upload(url, checkpoint, JOB_SPEC)  # queued while no worker runs
         assert before.status_code == 202, before.text
 
         redis_server.stop()
         during = classify(url, "served")
         assert during.status_code == 200, "classify keeps answering from the loaded base and cached patches"
         assert httpx.get(f"{url}/v1/tasks", timeout=10).status_code == 200
-        refused = upload(url, checkpoint, {**SPEC, "task": "later"})
+        refused = upload(url, checkpoint, {**JOB_SPEC, "task": "later"})
         assert refused.status_code == 503, refused.text
         assert "unavailable" in refused.json()["error"]["message"]
         assert httpx.get(f"{url}{before.json()['url']}", timeout=10).status_code == 503
         assert list((tmp_path / "store/uploads").glob(".incoming-*")) == [], "refused upload left nothing behind"
 
         redis_server.start()  # same data folder: the append-only file brings the queue back
-        after = upload(url, checkpoint, {**SPEC, "task": "later"})
+        after = upload(url, checkpoint, {**JOB_SPEC, "task": "later"})
         assert after.status_code == 202, after.text
         procs.worker()
         for job in (before.json(), after.json()):
-            done = wait_job(url, job["id"], {"succeeded", "failed", "cancelled"}, 120, procs)
+            done = wait_job(url, job["id"], procs, 120)
             assert done["state"] == "succeeded", (done, procs.logs())
         assert classify(url, "films").status_code == 200 and classify(url, "later").status_code == 200
     finally:
@@ -169,7 +135,7 @@ def test_api_restart_mid_job(tmp_path: Path, tiny_base_dir: Path, tiny_base: Bas
     try:
         url = procs.server()
         checkpoint = write_checkpoint(tiny_base, tmp_path / "ckpt")
-        job = upload(url, checkpoint, {**SPEC, "steps": 60}, train=jsonl(32)).json()
+        job = upload(url, checkpoint, {**JOB_SPEC, "steps": 60}, train=jsonl(32)).json()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             current = httpx.get(f"{url}{job['url']}", timeout=10).json()
@@ -180,7 +146,7 @@ def test_api_restart_mid_job(tmp_path: Path, tiny_base_dir: Path, tiny_base: Bas
         os.kill(procs.procs[0].pid, signal.SIGKILL)  # the API process dies mid-job, taking its job thread along
         procs.procs[0].wait(timeout=10)
         url = procs.server()
-        done = wait_job(url, job["id"], {"succeeded", "failed", "cancelled"}, 180, procs)
+        done = wait_job(url, job["id"], procs, 180)
         assert done["state"] == "succeeded", (done, procs.logs())
         assert done["attempts"] == 2
         assert classify(url, "films").status_code == 200
@@ -224,7 +190,7 @@ def test_store_full(tmp_path: Path, tiny_base_dir: Path, tiny_base: BaseModel) -
         assert refused.status_code == 507, refused.text
         assert "No space left on device" in refused.json()["error"]["message"]
         checkpoint = write_checkpoint(tiny_base, tmp_path / "ckpt")
-        assert upload(url, checkpoint, SPEC).status_code == 507
+        assert upload(url, checkpoint, JOB_SPEC).status_code == 507
         assert sorted(p.name for p in (store / "tasks").iterdir()) == ["kept"], "nothing half-written"
         assert list((store / ".staging").iterdir()) == []
         assert list((store / "uploads").iterdir()) == []
@@ -254,7 +220,7 @@ def test_store_read_only(tmp_path: Path, tiny_base_dir: Path, tiny_base: BaseMod
             refused = httpx.put(f"{url}/v1/tasks/other/patch", content=patch_to_bytes(make_patch(tiny_base)))
             assert refused.status_code == 507 and "Read-only file system" in refused.json()["error"]["message"]
             assert httpx.delete(f"{url}/v1/tasks/kept").status_code == 507
-            assert upload(url, write_checkpoint(tiny_base, tmp_path / "ckpt"), SPEC).status_code == 507
+            assert upload(url, write_checkpoint(tiny_base, tmp_path / "ckpt"), JOB_SPEC).status_code == 507
             assert classify(url, "kept").status_code == 200
         finally:
             procs.stop_all()
@@ -274,7 +240,7 @@ def test_two_uploads_race_for_one_name(tmp_path: Path, tiny_base_dir: Path, tiny
 
         def send(rows: int) -> None:
             barrier.wait()
-            statuses.append(upload(url, checkpoint, {**SPEC, "task": "race"}, train=jsonl(rows)).status_code)
+            statuses.append(upload(url, checkpoint, {**JOB_SPEC, "task": "race"}, train=jsonl(rows)).status_code)
 
         threads = [threading.Thread(target=send, args=(rows,)) for rows in (16, 20)]
         for thread in threads:

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,18 +15,11 @@ import pytest
 
 from app.grafting.base import BaseModel
 from app.jobs.service import connect_redis
+from tests.utils.http import JOB_SPEC, classify, upload, wait_job
 from tests.utils.processes import Processes
-from tests.utils.uploads import PROMPT, jsonl, write_checkpoint
+from tests.utils.uploads import jsonl, write_checkpoint
 
 REDIS_URL = os.environ.get("SKILLGRAFT_TEST_E2E_REDIS_URL", "redis://127.0.0.1:6379/12")
-SPEC = {
-    "task": "films",
-    "mode": "prompt",
-    "template": PROMPT.template,
-    "label_words": list(PROMPT.label_words or ()),
-    "sparsity": 0.01,
-    "steps": 2,
-}
 
 
 @pytest.fixture
@@ -44,50 +36,26 @@ def procs(tmp_path: Path, tiny_base_dir: Path) -> Iterator[Processes]:
     pool.stop_all()
 
 
-def upload(url: str, checkpoint: Path, spec: dict, train: bytes | None = None) -> httpx.Response:
-    files = {
-        "checkpoint": ("model.safetensors", checkpoint.read_bytes(), "application/octet-stream"),
-        "train": ("train.jsonl", train if train is not None else jsonl(), "application/jsonl"),
-        "dev": ("dev.jsonl", jsonl(8), "application/jsonl"),
-    }
-    return httpx.post(url + "/v1/tasks", files=files, data={"spec": json.dumps(spec)}, timeout=60)
-
-
-def follow(url: str, job_url: str, timeout: float, procs: Processes) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = httpx.get(url + job_url, timeout=10).json()
-        if job["state"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job still {job['state']} after {timeout}s\n{procs.logs()}")
-
-
-def classify(url: str, task: str) -> httpx.Response:
-    body = {"task": task, "inputs": ["a great film", "an awful film"], "return_probabilities": True}
-    return httpx.post(url + "/v1/classify", json=body, timeout=30)
-
-
 @pytest.mark.slow
 def test_upload_job_classify_in_process(procs: Processes, tiny_base: BaseModel, tmp_path: Path) -> None:
     url = procs.server()
     checkpoint = write_checkpoint(tiny_base, tmp_path / "ckpt")
     assert classify(url, "films").status_code == 404
-    response = upload(url, checkpoint, SPEC)
+    response = upload(url, checkpoint, JOB_SPEC, dev=jsonl(8))
     assert response.status_code == 202, response.text
     job = response.json()
     assert response.headers["location"] == job["url"] == f"/v1/jobs/{job['id']}"
-    done = follow(url, job["url"], 120, procs)
+    done = wait_job(url, job["id"], procs, 120)
     assert done["state"] == "succeeded", done
     assert done["result"]["task"] == "films" and done["progress"]["phase"] == "succeeded"
     result = classify(url, "films")
     assert result.status_code == 200, result.text
     assert len(result.json()["results"][0]["predictions"]) == 2
     # same content again: the existing job, 200 not 202
-    again = upload(url, checkpoint, {**SPEC, "replace": True})
+    again = upload(url, checkpoint, {**JOB_SPEC, "replace": True}, dev=jsonl(8))
     assert again.status_code == 200 and again.json()["id"] == job["id"]
     # name taken without replace -> 409, with a clear message
-    taken = upload(url, checkpoint, SPEC, train=jsonl(20))
+    taken = upload(url, checkpoint, JOB_SPEC, train=jsonl(20))
     assert taken.status_code == 409 and "replace=true" in taken.json()["error"]["message"]
     listed = httpx.get(url + "/v1/jobs", params={"state": "succeeded"}).json()
     assert [j["id"] for j in listed["items"]] == [job["id"]]
@@ -100,20 +68,20 @@ def test_bad_uploads_over_http(procs: Processes, tiny_base: BaseModel, tmp_path:
     checkpoint = write_checkpoint(tiny_base, tmp_path / "ckpt")
     pickle = httpx.post(
         url + "/v1/tasks",
-        data={"spec": json.dumps(SPEC)},
+        data={"spec": json.dumps(JOB_SPEC)},
         files={
             "checkpoint": ("model.bin", b"\x80\x02}q\x00.", "application/octet-stream"),
             "train": ("train.jsonl", jsonl(), "application/jsonl"),
         },
     )
     assert pickle.status_code == 415 and "pickle" in pickle.json()["error"]["message"]
-    bad_spec = upload(url, checkpoint, {**SPEC, "task": "../etc"})
+    bad_spec = upload(url, checkpoint, {**JOB_SPEC, "task": "../etc"})
     assert bad_spec.status_code == 422 and "task" in bad_spec.json()["error"]["message"]
-    bad_data = upload(url, checkpoint, SPEC, train=b'{"text": "x"}')
+    bad_data = upload(url, checkpoint, JOB_SPEC, train=b'{"text": "x"}')
     assert bad_data.status_code == 422 and "'label' is missing" in bad_data.json()["error"]["message"]
     missing = httpx.post(
         url + "/v1/tasks",
-        data={"spec": json.dumps(SPEC)},
+        data={"spec": json.dumps(JOB_SPEC)},
         files={"checkpoint": ("model.safetensors", checkpoint.read_bytes())},
     )
     assert missing.status_code == 422 and "train" in missing.json()["error"]["message"]
@@ -145,9 +113,9 @@ def test_two_replicas_serve_a_task_one_worker_finished(
         checkpoint = write_checkpoint(tiny_base, tmp_path / "ckpt")
         # both replicas have already looked the task up (and found nothing) before it exists
         assert classify(first, "films").status_code == 404 and classify(second, "films").status_code == 404
-        response = upload(first, checkpoint, SPEC)
+        response = upload(first, checkpoint, JOB_SPEC)
         assert response.status_code == 202, response.text
-        done = follow(second, response.json()["url"], 120, procs)  # job records are shared through Redis
+        done = wait_job(second, response.json()["id"], procs, 120)  # job records are shared through Redis
         assert done["state"] == "succeeded", (done, procs.logs())
         one, two = classify(first, "films"), classify(second, "films")
         assert one.status_code == two.status_code == 200, (one.text, two.text)

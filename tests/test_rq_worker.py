@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +16,7 @@ from app.engine.store import LocalTaskStore
 from app.grafting.base import BaseModel
 from app.jobs.models import JobRecord, JobState
 from app.jobs.service import JobService, build_job_service, connect_redis
+from tests.utils.processes import Processes
 from tests.utils.uploads import jsonl, spec, stage, write_checkpoint
 
 REDIS_URL = os.environ.get("SKILLGRAFT_TEST_RQ_REDIS_URL", "redis://127.0.0.1:6379/14")
@@ -56,42 +55,16 @@ def service(rq_env: dict[str, str], tiny_base: BaseModel) -> Iterator[JobService
     svc.runner.close()
 
 
-class Workers:
-    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
-        self.env = env
-        self.log_dir = log_dir
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self) -> subprocess.Popen[bytes]:
-        log = (self.log_dir / f"worker-{len(self.procs)}.log").open("wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "worker"], env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT
-        )
-        self.procs.append(proc)
-        return proc
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-    def logs(self) -> str:
-        return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(self.log_dir.glob("worker-*.log")))
-
-
 @pytest.fixture
-def workers(rq_env: dict[str, str], tmp_path: Path) -> Iterator[Workers]:
-    pool = Workers(rq_env, tmp_path)
+def workers(rq_env: dict[str, str], tmp_path: Path) -> Iterator[Processes]:
+    pool = Processes(rq_env, tmp_path)
     yield pool
     pool.stop_all()
 
 
-def wait_state(service: JobService, job_id: str, states: set[JobState], timeout: float, workers: Workers) -> JobRecord:
+def wait_state(
+    service: JobService, job_id: str, states: set[JobState], timeout: float, workers: Processes
+) -> JobRecord:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         record = service.get(job_id)
@@ -102,11 +75,11 @@ def wait_state(service: JobService, job_id: str, states: set[JobState], timeout:
 
 
 @pytest.mark.slow
-def test_worker_process_runs_job(service: JobService, workers: Workers, tiny_base: BaseModel, tmp_path: Path) -> None:
+def test_worker_process_runs_job(service: JobService, workers: Processes, tiny_base: BaseModel, tmp_path: Path) -> None:
     checkpoint = write_checkpoint(tiny_base, tmp_path / "ckpt")
     record, created = service.submit(stage(service, checkpoint, jsonl(), jsonl(8)), spec("rq-task"))
     assert created and service.backend == "rq"
-    workers.start()
+    workers.worker()
     done = wait_state(service, record.id, {JobState.succeeded, JobState.failed}, 120, workers)
     assert done.state == JobState.succeeded, (done.error, workers.logs())
     assert service.tasks.list_names() == ["rq-task"]
@@ -115,11 +88,11 @@ def test_worker_process_runs_job(service: JobService, workers: Workers, tiny_bas
 
 @pytest.mark.slow
 def test_sigkill_mid_job_runs_again_once(
-    service: JobService, workers: Workers, tiny_base: BaseModel, tmp_path: Path
+    service: JobService, workers: Processes, tiny_base: BaseModel, tmp_path: Path
 ) -> None:
     checkpoint = write_checkpoint(tiny_base, tmp_path / "ckpt")
-    record, _ = service.submit(stage(service, checkpoint, jsonl(64), jsonl(16)), spec("survivor", steps=150))
-    first = workers.start()
+    record, _ = service.submit(stage(service, checkpoint, jsonl(32), jsonl(16)), spec("survivor", steps=60))
+    first = workers.worker()
     running = wait_state(service, record.id, {JobState.running}, 120, workers)
     # let it get well into localization before pulling the plug
     deadline = time.monotonic() + 60
@@ -129,8 +102,8 @@ def test_sigkill_mid_job_runs_again_once(
     os.kill(first.pid, signal.SIGKILL)
     first.wait(timeout=10)
     killed_at = time.monotonic()
-    workers.start()
-    done = wait_state(service, record.id, {JobState.succeeded, JobState.failed}, 150, workers)
+    workers.worker()
+    done = wait_state(service, record.id, {JobState.succeeded, JobState.failed}, 240, workers)
     assert done.state == JobState.succeeded, (done.error, workers.logs())
     assert done.attempts == running.attempts + 1 == 2
     assert time.monotonic() - killed_at < 120

@@ -22,8 +22,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from app.engine.errors import ServiceError
 
 Scope = Literal["read", "admin"]
-# Liveness/readiness probes and the API description answer without a key.
-OPEN_PATHS = re.compile(r"^/(health|ready|docs|redoc|openapi\.json|v2/health/(live|ready))/?$")
+# Liveness/readiness probes, the API description and the dashboard page answer without a key.
+# The dashboard page itself is static HTML; the API calls it makes carry the key the user enters.
+OPEN_PATHS = re.compile(r"^/(|health|ready|docs|redoc|openapi\.json|v2/health/(live|ready))/?$")
 # Writes that only read: inference.
 READ_WRITES = re.compile(r"^/(v1/classify|v2/models/[^/]+(/versions/[^/]+)?/infer)/?$")
 
