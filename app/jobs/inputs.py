@@ -67,13 +67,22 @@ class UploadPaths:
         return None
 
 
-def resolve_head(spec: TaskSpec, checkpoint: Checkpoint, model_type: str, data_labels: tuple[str, ...]) -> HeadSpec:
-    """The task's head: the spec's fields first, then what the checkpoint declares, then the data's labels."""
-    declared = None
+def declared_head(checkpoint: Checkpoint, model_type: str) -> HeadSpec | None:
+    """The head the checkpoint's config declares, if any; a malformed declaration is an upload error."""
     try:
-        declared = checkpoint.head_spec(model_type)
+        return checkpoint.head_spec(model_type)
     except (HeadError, KeyError, ValueError) as exc:
         raise UploadError("checkpoint", f"its head description is malformed: {exc}") from exc
+
+
+def resolve_head(
+    spec: TaskSpec,
+    checkpoint: Checkpoint,
+    declared: HeadSpec | None,
+    data_labels: tuple[str, ...],
+    model_type: str,
+) -> HeadSpec:
+    """The task's head: the spec's fields first, then what the checkpoint declares, then the data's labels."""
     mode = spec.mode or (declared.mode if declared else ("classifier" if checkpoint.head else "prompt"))
     labels = tuple(spec.labels or (declared.labels if declared else data_labels))
     try:
@@ -114,17 +123,13 @@ def load_job_inputs(paths: UploadPaths, spec: TaskSpec, base: BaseModel, extract
     train_path = paths.data("train")
     if train_path is None:
         raise UploadError("train", "training data is missing")
-    declared = None
-    try:
-        declared = checkpoint.head_spec(base.model_type)
-    except (HeadError, KeyError, ValueError):
-        declared = None
+    declared = declared_head(checkpoint, base.model_type)
     known_labels = spec.labels or (list(declared.labels) if declared else None)
     try:
         train, data_labels = read_user_data(train_path, known_labels)
     except DataError as exc:
         raise UploadError("train", str(exc)) from exc
-    head = resolve_head(spec, checkpoint, base.model_type, data_labels)
+    head = resolve_head(spec, checkpoint, declared, data_labels, base.model_type)
     if known_labels is None and head.labels != data_labels:
         train, _ = read_user_data(train_path, head.labels)
     dev: list[Example] = []

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-TASK_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
-_TASK_NAME = re.compile(TASK_NAME_PATTERN)
+from app.engine.store import TASK_NAME_PATTERN as STORE_TASK_NAME
+
+# One definition of a safe task name: the store's (it builds paths from names).
+_TASK_NAME = STORE_TASK_NAME
+TASK_NAME_PATTERN = STORE_TASK_NAME.pattern
 
 
 class JobState(StrEnum):
@@ -53,7 +55,7 @@ class TaskSpec(BaseModel):
     @field_validator("task")
     @classmethod
     def _safe_name(cls, value: str) -> str:
-        if not _TASK_NAME.match(value):
+        if not _TASK_NAME.fullmatch(value):
             raise ValueError(f"task name must match {TASK_NAME_PATTERN}")
         return value
 
@@ -87,7 +89,7 @@ class StitchSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, value: str) -> str:
-        if not _TASK_NAME.match(value):
+        if not _TASK_NAME.fullmatch(value):
             raise ValueError(f"name must match {TASK_NAME_PATTERN}")
         return value
 
@@ -96,9 +98,9 @@ class StitchSpec(BaseModel):
         if len(set(self.tasks)) != len(self.tasks):
             raise ValueError("tasks must be distinct")
         for task in self.tasks:
-            if not _TASK_NAME.match(task):
+            if not _TASK_NAME.fullmatch(task):
                 raise ValueError(f"task name {task[:80]!r} must match {TASK_NAME_PATTERN}")
-            if not _TASK_NAME.match(member_name(self.name, task)):
+            if not _TASK_NAME.fullmatch(member_name(self.name, task)):
                 raise ValueError(f"member name {member_name(self.name, task)!r} is longer than 64 characters")
         return self
 
