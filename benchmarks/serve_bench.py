@@ -46,10 +46,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from app.core.store import LocalTaskStore  # noqa: E402
 from app.engine.engine import Engine, EngineConfig  # noqa: E402
 from app.engine.mixed import DeltaHooks, build_plan  # noqa: E402
 from app.engine.registry import EngineTask, TaskRegistry  # noqa: E402
-from app.engine.store import LocalTaskStore  # noqa: E402
 from app.engine.weights import BaseWeights  # noqa: E402
 from app.grafting.base import BaseModel, EligibleRule, load_base  # noqa: E402
 from app.grafting.heads import Encoded, Example, HeadSpec, collate, encoder_hidden  # noqa: E402

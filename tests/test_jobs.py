@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from app.config import Settings
-from app.engine.errors import LimitExceeded
-from app.engine.store import LocalTaskStore
+from app.core.errors import LimitExceeded
+from app.core.store import LocalTaskStore
 from app.grafting.base import BaseModel
 from app.grafting.patch import load_patch, validate_patch
 from app.jobs.models import JobRecord, JobState
@@ -223,7 +223,7 @@ def test_concurrent_uploads_of_one_name(service: JobService, checkpoint: Path) -
 
 
 def test_queued_job_limit(tiny_base: BaseModel, tiny_base_dir: Path, tmp_path: Path, checkpoint: Path) -> None:
-    from app.engine.errors import Overloaded
+    from app.core.errors import Overloaded
 
     settings = Settings(base_model=tiny_base_dir, store_dir=tmp_path / "store", max_queued_jobs=1)
     svc = build_job_service(settings, tiny_base, LocalTaskStore(settings.store_dir))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from app.config import Settings
-from app.engine.store import LocalTaskStore
+from app.core.store import LocalTaskStore
 from app.grafting.base import BaseModel
 from app.jobs.models import JobRecord, JobState
 from app.jobs.service import JobService, build_job_service, connect_redis

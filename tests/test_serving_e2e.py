@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from app.cli import main
-from app.engine.store import LocalTaskStore
+from app.core.store import LocalTaskStore
 from app.grafting.base import BaseModel
 from app.grafting.patch import patch_to_bytes
 from tests.utils.processes import Processes

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.engine.errors import InferenceFailed
+from app.core.errors import InferenceFailed
 from app.engine.service import InferenceService, TextInput
 from app.engine.weights import BaseWeights
 from app.grafting.base import BaseModel

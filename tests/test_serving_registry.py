@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.engine.errors import InvalidTaskName, TaskNotFound, TaskUnusable
+from app.core.errors import InvalidTaskName, TaskNotFound, TaskUnusable
+from app.core.store import LocalTaskStore, check_task_name
 from app.engine.service import InferenceService, TextInput
-from app.engine.store import LocalTaskStore, check_task_name
 from app.grafting.base import BaseModel
 from app.grafting.patch import BaseMismatchError, PatchError, patch_to_bytes, save_patch
 from tests.utils.serving import TEXTS, Reference, make_service

@@ -19,7 +19,7 @@ from typing import Annotated, Literal
 from fastapi import Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from app.engine.errors import ServiceError
+from app.core.errors import ServiceError
 
 Scope = Literal["read", "admin"]
 # Liveness/readiness probes, the API description and the dashboard page answer without a key.

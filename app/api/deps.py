@@ -6,9 +6,9 @@ from typing import Annotated
 
 from fastapi import Depends, Path, Request
 
-from app.engine.errors import NotReady
+from app.core.errors import NotReady
+from app.core.store import TASK_NAME_PATTERN
 from app.engine.service import InferenceService
-from app.engine.store import TASK_NAME_PATTERN
 from app.jobs.service import JobService
 from app.jobs.stitching import StitchService
 

@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from app.api.auth import Forbidden, Unauthorized
-from app.engine.errors import (
+from app.core.errors import (
     InferenceFailed,
     InvalidInput,
     InvalidTaskName,

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from app.cli.common import add_base_options, print_json
-from app.engine.store import LocalTaskStore
+from app.core.store import LocalTaskStore
 from app.grafting.base import BaseModel, load_base
 from app.grafting.overlap import overlap_report
 from app.grafting.patch import GraftPatch, atomic_write, load_patch, validate_patch

@@ -29,7 +29,7 @@ from typing import Literal
 
 import torch
 
-from app.engine.errors import InferenceFailed, NotReady, Overloaded
+from app.core.errors import InferenceFailed, NotReady, Overloaded
 from app.engine.mixed import DeltaHooks, DeltaTargets, build_plan
 from app.engine.registry import EngineTask
 from app.engine.weights import BaseWeights

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from app.engine.errors import TaskNotFound, TaskUnusable
+from app.core.errors import TaskNotFound, TaskUnusable
+from app.core.store import StoredPatch, TaskStore, check_task_name
 from app.engine.mixed import DeltaTargets
-from app.engine.store import StoredPatch, TaskStore, check_task_name
 from app.engine.weights import BaseWeights
 from app.grafting.base import BaseModel
 from app.grafting.heads import HeadError, HeadSpec, Tokenization, label_word_ids

@@ -17,10 +17,10 @@ from typing import Any
 import anyio
 import torch
 
+from app.core.errors import InvalidInput, LimitExceeded, NotReady, TaskNotFound
+from app.core.store import LocalTaskStore, StoredPatch, TaskStore, check_task_name
 from app.engine.engine import Engine, EngineConfig
-from app.engine.errors import InvalidInput, LimitExceeded, NotReady, TaskNotFound
 from app.engine.registry import EngineTask, TaskRegistry
-from app.engine.store import LocalTaskStore, StoredPatch, TaskStore, check_task_name
 from app.grafting.base import BaseModel
 from app.grafting.heads import Encoded, Example
 from app.grafting.patch import PatchError

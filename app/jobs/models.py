@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.engine.store import TASK_NAME_PATTERN as STORE_TASK_NAME
+from app.core.store import TASK_NAME_PATTERN as STORE_TASK_NAME
 
 # One definition of a safe task name: the store's (it builds paths from names).
 _TASK_NAME = STORE_TASK_NAME

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from app.config import Settings
-from app.engine.errors import LimitExceeded, Overloaded, ServiceError
-from app.engine.store import LocalTaskStore
+from app.core.errors import LimitExceeded, Overloaded, ServiceError
+from app.core.store import LocalTaskStore
 from app.grafting.base import BaseModel, load_base
 from app.jobs.inputs import UploadError, UploadPaths, load_job_inputs
 from app.jobs.models import JobRecord, JobState, TaskSpec, job_id_for

@@ -21,8 +21,8 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from app.engine.errors import TaskNotFound
-from app.engine.store import check_task_name
+from app.core.errors import TaskNotFound
+from app.core.store import check_task_name
 from app.grafting.base import BaseModel
 from app.grafting.data import REGISTRY, DataError, load_dataset
 from app.grafting.heads import TaskModel, Tokenization

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.engine.store import LocalTaskStore
+from app.core.store import LocalTaskStore
 from app.grafting.base import BaseModel, EligibleRule
 from app.grafting.calibration import reliability_bins
 from app.grafting.evaluate import Evaluator

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 
 from app.api.errors import responses
 from app.api.schemas import HealthPublic, ReadyPublic
-from app.engine.errors import NotReady
+from app.core.errors import NotReady
 
 router = APIRouter(tags=["health"])
 

@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse
 from app.api.deps import ServiceDep, StitchDep, TaskName
 from app.api.errors import responses
 from app.api.routes.jobs import JobPublic, job_public
-from app.engine.errors import InvalidInput, LimitExceeded
+from app.core.errors import InvalidInput, LimitExceeded
 from app.engine.service import InferenceService
 from app.grafting.evaluate import mask_breakdown, patch_counts
 from app.grafting.overlap import OverlapError, overlap_report

@@ -11,7 +11,7 @@ from fastapi.responses import FileResponse
 from app.api.deps import ServiceDep, TaskName
 from app.api.errors import responses
 from app.api.schemas import TaskPublic, TasksPublic
-from app.engine.errors import LimitExceeded
+from app.core.errors import LimitExceeded
 from app.engine.service import TaskInfo
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])

@@ -49,9 +49,9 @@ from app.api.schemas_v2 import (
     ServerReady,
     TensorMetadata,
 )
-from app.engine.errors import InvalidInput, InvalidTaskName, ServiceError, TaskUnusable
+from app.core.errors import InvalidInput, InvalidTaskName, ServiceError, TaskUnusable
+from app.core.store import check_task_name
 from app.engine.service import InferenceService, Prediction, TaskInfo, TextInput
-from app.engine.store import check_task_name
 from app.grafting.patch import PatchError
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """Errors of the serving layers below HTTP. Each carries a stable machine-readable ``code``; the HTTP status for
-each type is decided in one place only (``app.api.errors``), so the engine, the CLI and a future KServe front
+each type is decided in one place only (``app.api.errors``), so the engine, the CLI and the KServe v2 routes
 share these without knowing about HTTP."""
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from app.engine.errors import InvalidTaskName, TaskNotFound
+from app.core.errors import InvalidTaskName, TaskNotFound
 from app.grafting.patch import PatchError
 
 TASK_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
