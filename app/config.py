@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.grafting.packaged_bases import DEFAULT_BASE, PACKAGED_BASES
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -18,8 +20,10 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SKILLGRAFT_", extra="ignore")
 
-    base_model: Path | None = Field(
-        None, description="Local transformers encoder folder; unset = the packaged all-MiniLM-L6-v2."
+    base_model: str = Field(
+        DEFAULT_BASE,
+        description="Packaged base by short name (smollm2-135m-instruct, all-minilm-l6-v2), a local transformers "
+        "folder (BERT/RoBERTa/MPNet encoder or Llama-family decoder) or a Llama-family GGUF file.",
     )
     store_dir: Path = Field(REPO_ROOT / "models_store", description="Where task patches, jobs and uploads live.")
     data_dir: Path | None = Field(None, description="Named datasets folder; unset = ../shared/data beside the repo.")
@@ -81,11 +85,19 @@ class Settings(BaseSettings):
             raise ValueError("API keys must be at least 16 characters long")
         return value
 
-    @field_validator("base_model")
+    @field_validator("base_model", mode="before")
     @classmethod
-    def _base_model_exists(cls, value: Path | None) -> Path | None:
-        if value is not None and not (value / "config.json").is_file():
-            raise ValueError(f"SKILLGRAFT_BASE_MODEL={value} is not a transformers model folder (no config.json)")
+    def _base_model_exists(cls, value: str | Path) -> str:
+        value = str(value)
+        if value.lower() in PACKAGED_BASES:
+            return value.lower()
+        path = Path(value)
+        if not ((path / "config.json").is_file() or (path.is_file() and path.suffix.lower() == ".gguf")):
+            known = ", ".join(PACKAGED_BASES)
+            raise ValueError(
+                f"SKILLGRAFT_BASE_MODEL={value} is not a packaged base ({known}), a transformers model folder "
+                "(no config.json) or a .gguf file"
+            )
         return value
 
     @model_validator(mode="after")

@@ -11,6 +11,10 @@ from app.grafting.base import BaseModel, load_base
 from app.grafting.data import default_data_dir
 from tests.utils.tiny import load_tiny, make_tiny_bert
 
+# The suite runs on the fast packaged encoder unless a test asks for another base (SmolLM2 tests do): servers,
+# workers and CLI calls started by tests inherit this.
+os.environ.setdefault("SKILLGRAFT_BASE_MODEL", "all-minilm-l6-v2")
+
 # Set by .ci/run: there a missing ../shared/data is an error, not a reason to skip.
 REQUIRE_DATA = os.environ.get("SKILLGRAFT_REQUIRE_DATA") == "1"
 
@@ -27,8 +31,8 @@ def tiny_base(tiny_base_dir: Path) -> BaseModel:
 
 @pytest.fixture(scope="session")
 def real_base() -> BaseModel:
-    """The packaged all-MiniLM-L6-v2, loaded once per test session."""
-    return load_base()
+    """The packaged all-MiniLM-L6-v2 (the fast base), loaded once per test session."""
+    return load_base("all-minilm-l6-v2")
 
 
 @pytest.fixture(scope="session")

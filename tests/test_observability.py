@@ -38,7 +38,7 @@ def test_truncation_flags(tiny_base: BaseModel) -> None:
         short, long = tokenization.encode(Example("fine", 0)), tokenization.encode(Example(LONG, 0))
         assert not short.truncated and long.truncated
         assert len(long.input_ids) == 32
-    assert prompt.encode(Example(LONG, 0)).mask_position >= 0, "the mask survives truncation"
+    assert prompt.encode(Example(LONG, 0)).read_position >= 0, "the mask survives truncation"
 
 
 def test_truncation_is_stated_in_the_response(client: TestClient) -> None:

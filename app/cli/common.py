@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
 from tqdm import tqdm
 
 from app.grafting.data import TaskData, resolve_task_data
+from app.grafting.packaged_bases import DEFAULT_BASE
 
 
 def add_base_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base-model", default=None, help="local encoder folder (default: packaged all-MiniLM-L6-v2)")
+    parser.add_argument(
+        "--base-model",
+        default=os.environ.get("SKILLGRAFT_BASE_MODEL"),
+        help="packaged base (smollm2-135m-instruct, all-minilm-l6-v2), model folder or GGUF file "
+        f"(default: $SKILLGRAFT_BASE_MODEL, else {DEFAULT_BASE})",
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
 

