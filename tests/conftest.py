@@ -9,7 +9,7 @@ import pytest
 
 from app.grafting.base import BaseModel, load_base
 from app.grafting.data import default_data_dir
-from tests.utils.tiny import load_tiny, make_tiny_bert
+from tests.utils.tiny import load_tiny, make_tiny_bert, make_tiny_llama
 
 # The suite runs on the fast packaged encoder unless a test asks for another base (SmolLM2 tests do): servers,
 # workers and CLI calls started by tests inherit this.
@@ -27,6 +27,22 @@ def tiny_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_base(tiny_base_dir: Path) -> BaseModel:
     return load_tiny(tiny_base_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_llama_dir: Path) -> BaseModel:
+    return load_base(tiny_llama_dir, name="tiny-llama")
+
+
+@pytest.fixture(params=["encoder", "decoder"])
+def tiny_any(request: pytest.FixtureRequest) -> BaseModel:
+    """The tiny base of each family in turn: maths and engine tests that hold for both run on both."""
+    return request.getfixturevalue("tiny_base" if request.param == "encoder" else "tiny_llama")
 
 
 @pytest.fixture(scope="session")

@@ -33,32 +33,39 @@ def patches(tiny_base: BaseModel) -> list[GraftPatch]:
     return [make_patch(tiny_base, f"t{i}", mode, 0.02, seed=i + 1) for i, mode in enumerate(MODES)]
 
 
+@pytest.fixture
+def family_patches(tiny_any: BaseModel) -> list[GraftPatch]:
+    return [make_patch(tiny_any, f"t{i}", mode, 0.02, seed=i + 1) for i, mode in enumerate(MODES)]
+
+
 def test_swap_is_bit_exact_against_the_materialized_graft(
-    tiny_base: BaseModel, patches: list[GraftPatch], tmp_path: Path
+    tiny_any: BaseModel, family_patches: list[GraftPatch], tmp_path: Path
 ) -> None:
-    before = checksum(tiny_base)
-    service = make_service(tiny_base, tmp_path, policy="swap")
+    before = checksum(tiny_any)
+    service = make_service(tiny_any, tmp_path, policy="swap")
     try:
-        for patch in patches:
+        for patch in family_patches:
             upload(service, patch)
             got = engine_logits(service, patch.task, TEXTS)
-            want = Reference(tiny_base, patch).logits(TEXTS)
+            want = Reference(tiny_any, patch).logits(TEXTS)
             assert torch.equal(got, want), patch.task
-        assert service.engine.stats.swap_batches == len(patches)
+        assert service.engine.stats.swap_batches == len(family_patches)
     finally:
         service.close()
-    assert checksum(tiny_base) == before
+    assert checksum(tiny_any) == before
 
 
-def test_mixed_matches_the_materialized_graft(tiny_base: BaseModel, patches: list[GraftPatch], tmp_path: Path) -> None:
-    before = checksum(tiny_base)
-    service = make_service(tiny_base, tmp_path, policy="mixed")
+def test_mixed_matches_the_materialized_graft(
+    tiny_any: BaseModel, family_patches: list[GraftPatch], tmp_path: Path
+) -> None:
+    before = checksum(tiny_any)
+    service = make_service(tiny_any, tmp_path, policy="mixed")
     try:
-        for patch in patches:
+        for patch in family_patches:
             upload(service, patch)
-        references = {p.task: Reference(tiny_base, p).logits(TEXTS) for p in patches}
+        references = {p.task: Reference(tiny_any, p).logits(TEXTS) for p in family_patches}
         # One request, every task: a single forward pass holding rows of four tasks in both head modes.
-        tasks = [p.task for p in patches]
+        tasks = [p.task for p in family_patches]
         rows, _ = service.prepare(tasks, [TextInput(t) for t in TEXTS])
         logits = service.engine.run(rows, timeout=60)
         assert service.engine.stats.mixed_batches == 1 and service.engine.stats.swap_batches == 0
@@ -66,10 +73,10 @@ def test_mixed_matches_the_materialized_graft(tiny_base: BaseModel, patches: lis
             got = torch.stack(logits[i * len(TEXTS) : (i + 1) * len(TEXTS)])
             torch.testing.assert_close(got, references[task], rtol=0, atol=1e-5)
             # the graft changes the output: the deltas really were added
-            assert not torch.allclose(got, Reference(tiny_base, _empty(patches[i])).logits(TEXTS), atol=1e-4)
+            assert not torch.allclose(got, Reference(tiny_any, _empty(family_patches[i])).logits(TEXTS), atol=1e-4)
     finally:
         service.close()
-    assert checksum(tiny_base) == before
+    assert checksum(tiny_any) == before
 
 
 def _empty(patch: GraftPatch) -> GraftPatch:

@@ -6,17 +6,18 @@ For each row ``n`` of task ``t`` and each patch entry of ``t`` with delta ``d = 
 * ``nn.Linear`` bias ``b[r]``:        ``y[n, :, r] += d``
 * ``nn.LayerNorm`` weight ``w[j]``:  ``y[n, :, j] += d · x̂[n, :, j]``   (x̂: the normalised input)
 * ``nn.LayerNorm`` bias ``b[j]``:     ``y[n, :, j] += d``
+* RMSNorm weight ``w[j]`` (Llama-family decoders): ``y[n, :, j] += d · x̂[n, :, j]``, x̂ = x / rms(x)
 
 which is the grafted layer's output up to float rounding (the sum is ordered differently). The index arrays are
 built once per batch for all modules together (:func:`build_plan`); each module then does one gather and one
-accumulate. Parameters outside Linear/LayerNorm modules (e.g. embeddings) cannot be patched this way: a task
-touching them is not ``mixable`` and the engine runs it by swapping.
+accumulate. Parameters outside Linear/LayerNorm/RMSNorm modules (e.g. embeddings) cannot be patched this way: a
+task touching them is not ``mixable`` and the engine runs it by swapping.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -30,6 +31,9 @@ from app.engine.weights import BaseWeights
 LINEAR_WEIGHT, LINEAR_BIAS, NORM_WEIGHT, NORM_BIAS = 0, 1, 2, 3
 
 
+Normaliser = Callable[[torch.Tensor], torch.Tensor]
+
+
 @dataclass(frozen=True)
 class Target:
     """One base parameter the mixed path can patch: its owning module and role."""
@@ -40,6 +44,33 @@ class Target:
     role: int
     # Row length of a Linear weight (flat index = r · in_features + c); 1 for vectors.
     in_features: int
+    # Norm weights: x ↦ x̂, the module's input normalised without its affine weight.
+    normalise: Normaliser | None = None
+
+
+def _layer_norm_without_affine(module: nn.LayerNorm) -> Normaliser:
+    return lambda x: functional.layer_norm(x, module.normalized_shape, None, None, module.eps)
+
+
+def _rms_norm_without_weight(module: nn.Module) -> Normaliser:
+    # as LlamaRMSNorm computes it: in float32, then back to the input's dtype
+    eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
+
+    def normalise(x: torch.Tensor) -> torch.Tensor:
+        wide = x.to(torch.float32)
+        return (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    return normalise
+
+
+def _is_rms_norm(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__.endswith("RMSNorm")
+        and isinstance(weight, nn.Parameter)
+        and weight.dim() == 1
+        and getattr(module, "bias", None) is None
+    )
 
 
 class DeltaTargets:
@@ -52,15 +83,21 @@ class DeltaTargets:
         targets: list[Target] = []
         for module_name, module in encoder.named_modules():
             prefix = f"{module_name}." if module_name else ""
+            normalise: Normaliser | None = None
             if isinstance(module, nn.Linear):
                 roles = (("weight", LINEAR_WEIGHT, module.in_features), ("bias", LINEAR_BIAS, 1))
             elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
                 roles = (("weight", NORM_WEIGHT, 1), ("bias", NORM_BIAS, 1))
+                normalise = _layer_norm_without_affine(module)
+            elif _is_rms_norm(module):
+                roles = (("weight", NORM_WEIGHT, 1),)
+                normalise = _rms_norm_without_weight(module)
             else:
                 continue
             for attr, role, width in roles:
                 if getattr(module, attr, None) is not None:
-                    targets.append(Target(len(targets), prefix + attr, module, role, width))
+                    norm = normalise if role == NORM_WEIGHT else None
+                    targets.append(Target(len(targets), prefix + attr, module, role, width, norm))
         self.targets = targets
         self.by_param = {target.param: target for target in targets}
         # Per slot: row width of a Linear weight, and where the parameter starts in the global index space.
@@ -159,7 +196,7 @@ def build_plan(row_entries: Sequence[RowEntries], targets: DeltaTargets, device:
 
 
 class DeltaHooks:
-    """Forward hooks on the encoder's Linear and LayerNorm modules that add per-row sparse deltas.
+    """Forward hooks on the base's Linear and LayerNorm/RMSNorm modules that add per-row sparse deltas.
 
     Inert unless :attr:`plan` is set, which only the engine's inference thread does, around one forward pass;
     the hooks never write to a parameter.
@@ -204,8 +241,8 @@ class DeltaHooks:
                 if target.role == LINEAR_WEIGHT:
                     source, column = x, plan.col[start:end]
                 else:
-                    assert isinstance(module, nn.LayerNorm)
-                    source = functional.layer_norm(x, module.normalized_shape, None, None, module.eps)
+                    assert target.normalise is not None
+                    source = target.normalise(x)
                     column = out
                 width_in = source.shape[-1]
                 flat_source = source.reshape(batch, length, width_in).contiguous().view(-1)

@@ -31,8 +31,8 @@ from app.core.store import StoredPatch, TaskStore, check_task_name
 from app.engine.mixed import DeltaTargets
 from app.engine.weights import BaseWeights
 from app.grafting.base import BaseModel
-from app.grafting.heads import HeadError, HeadSpec, Tokenization, label_word_ids
-from app.grafting.patch import BaseMismatchError, GraftPatch, PatchError, load_patch, validate_patch
+from app.grafting.heads import HeadSpec, Tokenization, label_word_ids
+from app.grafting.patch import BaseMismatchError, GraftPatch, PatchError, load_patch, validate_for_base
 
 
 @dataclass(eq=False)
@@ -207,15 +207,7 @@ class TaskRegistry:
 
     def check_file(self, path: Path) -> GraftPatch:
         """Everything a patch must pass before it may be stored or served (format, base, head)."""
-        patch = load_patch(path)
-        validate_patch(patch, self._parameters, self.base.fingerprint, self.base.hidden_size)
-        try:
-            Tokenization(self.base.tokenizer, patch.spec, self.max_length)
-            if patch.spec.mode == "prompt":
-                label_word_ids(self.base.tokenizer, patch.spec.label_words or ())
-        except HeadError as exc:
-            raise PatchError(str(exc)) from exc
-        return patch
+        return validate_for_base(load_patch(path), self.base, self.max_length)
 
     # -- internals ---------------------------------------------------------------------------------------------
 
@@ -245,8 +237,9 @@ class TaskRegistry:
         if shared is None:
             label_ids = None
             if spec.mode == "prompt":
-                label_ids = torch.tensor(label_word_ids(self.base.tokenizer, spec.label_words or ())).to(self.device)
-            shared = (Tokenization(self.base.tokenizer, spec, self.max_length), label_ids)
+                words = spec.label_words or ()
+                label_ids = torch.tensor(label_word_ids(self.base.tokenizer, words, self.base.family)).to(self.device)
+            shared = (Tokenization(self.base.tokenizer, spec, self.max_length, self.base.family), label_ids)
             with self._lock:
                 if len(self._heads) >= 4096:  # many distinct specs: start over rather than grow without bound
                     self._heads.clear()

@@ -141,14 +141,19 @@ def converted_gguf(gguf: Path, cache_dir: Path | None = None) -> Path:
     folder = root / f"{gguf.stem}-{sha256_of(gguf)[:16]}"
     if (folder / "config.json").is_file():
         return folder
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GgufConfig
 
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=root))
     try:
         try:
+            # dequantize=True drops the GGUF quantizer from the loaded model: without it save_pretrained refuses
             model = AutoModelForCausalLM.from_pretrained(
-                gguf.parent, gguf_file=gguf.name, local_files_only=True, torch_dtype=torch.float32
+                gguf.parent,
+                gguf_file=gguf.name,
+                local_files_only=True,
+                dtype=torch.float32,
+                quantization_config=GgufConfig(dequantize=True),
             )
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
         except (ImportError, ValueError, OSError) as exc:

@@ -271,6 +271,10 @@ class Tokenization:
             self._segments = _split_template(template)
             if self.family == "decoder":
                 self._segments = [(kind, text) for kind, text in self._segments if kind != "mask"]
+                # the label word brings its own leading space (" positive"): a space before a trailing {mask}
+                # would be tokenized twice
+                if self._segments and self._segments[-1][0] == "literal":
+                    self._segments[-1] = ("literal", self._segments[-1][1].rstrip(" "))
 
     def encode(self, example: Example) -> Encoded:
         if self.spec.mode == "classifier":

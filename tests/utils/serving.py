@@ -37,7 +37,7 @@ class Reference:
             for name, tensor in own.items():
                 tensor.copy_(state[name])
         self.model = TaskModel(encoder, patch.spec, base.tokenizer, patch.head or None).eval()
-        self.tokenization = Tokenization(base.tokenizer, patch.spec, max_length)
+        self.tokenization = Tokenization(base.tokenizer, patch.spec, max_length, base.family)
 
     def encode(self, texts: Sequence[str | tuple[str, str]]) -> list[Encoded]:
         examples = [Example(t, -1) if isinstance(t, str) else Example(t[0], -1, t[1]) for t in texts]
