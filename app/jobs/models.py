@@ -6,9 +6,9 @@ import hashlib
 import json
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from app.core.store import TASK_NAME_PATTERN as STORE_TASK_NAME
 
@@ -33,12 +33,36 @@ def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
-class TaskSpec(BaseModel):
-    """What to build from an uploaded checkpoint: the task's name, head and localization settings."""
+def _safe_name(what: str) -> AfterValidator:
+    def check(value: str) -> str:
+        if not _TASK_NAME.fullmatch(value):
+            raise ValueError(f"{what} must match {TASK_NAME_PATTERN}")
+        return value
+
+    return AfterValidator(check)
+
+
+_SafeTaskName = Annotated[str, _safe_name("task name")]
+_SafeStitchName = Annotated[str, _safe_name("name")]
+
+
+class _JobSpec(BaseModel):
+    """What a user submits for one job; its content hash is part of the job id."""
 
     model_config = ConfigDict(extra="forbid")
 
-    task: str = Field(..., description="Task name: lowercase letters, digits, '_', '.', '-'", examples=["sst2"])
+    def content_hash(self) -> str:
+        """Hash of everything that changes the result (``replace`` does not)."""
+        data = self.model_dump(exclude={"replace"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+class TaskSpec(_JobSpec):
+    """What to build from an uploaded checkpoint: the task's name, head and localization settings."""
+
+    task: _SafeTaskName = Field(
+        ..., description="Task name: lowercase letters, digits, '_', '.', '-'", examples=["sst2"]
+    )
     mode: Literal["prompt", "classifier"] | None = Field(
         None, description="Head mode; default: what the checkpoint's config declares"
     )
@@ -52,31 +76,19 @@ class TaskSpec(BaseModel):
     seed: int = 0
     replace: bool = Field(False, description="Replace an existing task of the same name")
 
-    @field_validator("task")
-    @classmethod
-    def _safe_name(cls, value: str) -> str:
-        if not _TASK_NAME.fullmatch(value):
-            raise ValueError(f"task name must match {TASK_NAME_PATTERN}")
-        return value
-
     @model_validator(mode="after")
     def _prompt_words(self) -> TaskSpec:
         if self.label_words is not None and self.labels is not None and len(self.label_words) != len(self.labels):
             raise ValueError("label_words must give one word per label")
         return self
 
-    def content_hash(self) -> str:
-        """Hash of everything that changes the result (``replace`` does not)."""
-        data = self.model_dump(exclude={"replace"})
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
-
-class StitchSpec(BaseModel):
+class StitchSpec(_JobSpec):
     """What to stitch: stored tasks merged into one model θ_pre + Σ γ'_i⊙δ_i, published under ``name``."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(..., description="Name of the stitched model; its members are served as <name>.<task>")
+    name: _SafeStitchName = Field(
+        ..., description="Name of the stitched model; its members are served as <name>.<task>"
+    )
     tasks: list[str] = Field(..., min_length=2, max_length=16, description="Stored tasks to stitch (distinct)")
     serve: bool = Field(True, description="Store each member <name>.<task> as a servable task")
     datasets: dict[str, str] = Field(
@@ -85,13 +97,6 @@ class StitchSpec(BaseModel):
     )
     eval_limit: int = Field(300, ge=0, le=100_000, description="Seeded test examples per task (0: no evaluation)")
     replace: bool = Field(False, description="Replace an existing stitched model (and members) of the same name")
-
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, value: str) -> str:
-        if not _TASK_NAME.fullmatch(value):
-            raise ValueError(f"name must match {TASK_NAME_PATTERN}")
-        return value
 
     @model_validator(mode="after")
     def _members(self) -> StitchSpec:
@@ -104,14 +109,15 @@ class StitchSpec(BaseModel):
                 raise ValueError(f"member name {member_name(self.name, task)!r} is longer than 64 characters")
         return self
 
-    def content_hash(self) -> str:
-        data = self.model_dump(exclude={"replace"})
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
 
 def member_name(group: str, task: str) -> str:
     """The served task name of one member of a stitched model."""
     return f"{group}.{task}"
+
+
+# What a job does: "localize" (an uploaded checkpoint into a task, ``JobRecord.spec``) or "stitch" (stored tasks
+# into one model, ``JobRecord.params``). The runner picks the job function by this (``app.jobs.runner``).
+JobKind = Literal["localize", "stitch"]
 
 
 class JobProgress(BaseModel):
@@ -127,8 +133,7 @@ class JobProgress(BaseModel):
 
 class JobRecord(BaseModel):
     id: str
-    # what the job does: "localize" (an uploaded checkpoint into a task, ``spec``) or "stitch" (``params``)
-    kind: Literal["localize", "stitch"] = "localize"
+    kind: JobKind = "localize"
     task: str
     state: JobState = JobState.queued
     progress: JobProgress = Field(default_factory=JobProgress)
