@@ -15,15 +15,9 @@ from app.core.errors import LimitExceeded
 from app.core.store import LocalTaskStore
 from app.grafting.base import BaseModel
 from app.grafting.patch import load_patch, validate_patch
+from app.jobs.errors import InvalidUpload, TaskExists, UnsupportedUpload
 from app.jobs.models import JobRecord, JobState
-from app.jobs.service import (
-    InvalidUpload,
-    JobService,
-    TaskExists,
-    UnsupportedUpload,
-    build_job_service,
-    connect_redis,
-)
+from app.jobs.service import JobService, build_job_service, connect_redis
 from app.jobs.store import RedisJobStore
 from tests.utils.uploads import jsonl, spec, stage, write_checkpoint
 

@@ -27,7 +27,7 @@ from app.core.errors import (
     TaskUnusable,
 )
 from app.grafting.patch import BaseMismatchError, PatchError
-from app.jobs.service import InvalidUpload, JobNotFound, QueueUnavailable, TaskExists, UnsupportedUpload
+from app.jobs.errors import InvalidUpload, JobNotFound, QueueUnavailable, TaskExists, UnsupportedUpload
 
 log = logging.getLogger(__name__)
 

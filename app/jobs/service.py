@@ -19,6 +19,7 @@ from app.config import Settings
 from app.core.errors import LimitExceeded, Overloaded, ServiceError
 from app.core.store import LocalTaskStore
 from app.grafting.base import BaseModel, load_base
+from app.jobs.errors import InvalidUpload, JobNotFound, QueueUnavailable, TaskExists, UnsupportedUpload
 from app.jobs.inputs import UploadError, UploadPaths, load_job_inputs
 from app.jobs.models import JobRecord, JobState, TaskSpec, job_id_for
 from app.jobs.runner import InProcessRunner, JobRunner, RQRunner
@@ -28,38 +29,6 @@ from app.jobs.work import JobContext, sweep_failed_uploads
 log = logging.getLogger("skillgraft.jobs")
 TASK_CHANNEL = "skillgraft:tasks"
 CHUNK = 1 << 20
-
-
-class JobNotFound(ServiceError):
-    code = "job_not_found"
-
-
-class TaskExists(ServiceError):
-    """The name is taken and the submission did not ask to replace it."""
-
-    code = "task_exists"
-
-
-class InvalidUpload(ServiceError):
-    """An upload that cannot become a task; the message names the part and the problem."""
-
-    code = "invalid_upload"
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-
-
-class UnsupportedUpload(InvalidUpload):
-    """Pickle checkpoints (and other formats that would need unpickling) are refused outright."""
-
-    code = "unsupported_upload"
-
-
-class QueueUnavailable(ServiceError):
-    """The job queue (Redis) cannot be reached: submissions fail cleanly, serving goes on."""
-
-    code = "queue_unavailable"
 
 
 class Staging:

@@ -29,20 +29,15 @@ from app.grafting.heads import TaskModel, Tokenization
 from app.grafting.inference import accuracy, predict_logits
 from app.grafting.patch import GraftPatch, atomic_write, grafted, load_patch, patch_to_bytes, validate_patch
 from app.grafting.stitch import StitchError, member_patch, stitch, stitched_state_dict
+from app.jobs.errors import QueueUnavailable, StitchNotFound, TaskExists
 from app.jobs.models import JobRecord, JobState, StitchSpec, member_name, stitch_job_id, utc_now
-from app.jobs.service import JobService, QueueUnavailable, TaskExists
+from app.jobs.service import JobService
 from app.jobs.work import JobContext, Phases, finish
 
 STITCHED_DIR = "stitched"
 MODEL_FILE = "model.safetensors"
 REPORT_FILE = "report.json"
 EVAL_SEED = 0
-
-
-class StitchNotFound(TaskNotFound):
-    """No stitched model of that name (answered 404 like an unknown task)."""
-
-    code = "stitch_not_found"
 
 
 class StitchedModels:

@@ -13,8 +13,8 @@ from pydantic import ValidationError
 from app.api.deps import JobsDep
 from app.api.errors import responses
 from app.grafting.checkpoint import PICKLE_SUFFIXES
+from app.jobs.errors import InvalidUpload, UnsupportedUpload
 from app.jobs.models import JobRecord, JobState, TaskSpec
-from app.jobs.service import InvalidUpload, UnsupportedUpload
 
 router = APIRouter(tags=["jobs"])
 
