@@ -28,13 +28,17 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from app.core.errors import InvalidTaskName, TaskNotFound
+from app.grafting.bounded_json import BoundedJSONError, loads_bounded
 from app.grafting.patch import PatchError
+from app.grafting.patch_metadata import PatchMetadataError, parse_patch_metadata
 
 TASK_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 PATCH_FILE = "patch.safetensors"
 TASK_FILE = "task.json"
 # A safetensors header larger than this is not a patch header (ours are a few KiB): refuse before reading it.
 MAX_HEADER_BYTES = 16 * 2**20
+# A safetensors header is an object of tensor entries and one string map: three levels deep.
+HEADER_DEPTH = 4
 
 
 def check_task_name(name: str) -> str:
@@ -125,21 +129,28 @@ class LocalTaskStore:
         return stored
 
     def read_header(self, name: str) -> dict[str, Any]:
-        """The patch's ``skillgraft.meta`` without reading any tensor (cheap enough to list many tasks)."""
+        """The patch's ``skillgraft.meta`` without reading any tensor (cheap enough to list many tasks), checked
+        against the one metadata schema: a patch another process wrote with wrong types is a ``PatchError`` here,
+        never a malformed value handed to a response."""
         path = self.require(name).path
         try:
             with path.open("rb") as handle:
                 (length,) = struct.unpack("<Q", handle.read(8))
                 if length > MAX_HEADER_BYTES:
                     raise PatchError(f"safetensors header of {length} bytes is implausibly large")
-                header = json.loads(handle.read(length))
-            meta = json.loads(header.get("__metadata__", {}).get("skillgraft.meta", "null"))
+                header = loads_bounded(handle.read(length), max_depth=HEADER_DEPTH)
         except FileNotFoundError as exc:
             raise TaskNotFound(f"task {name!r} not found") from exc
-        except (struct.error, json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        except (struct.error, BoundedJSONError) as exc:
             raise PatchError(f"patch header of task {name!r} is unreadable: {exc}") from exc
-        if not isinstance(meta, dict):
+        declared = header.get("__metadata__") if isinstance(header, dict) else None
+        text = declared.get("skillgraft.meta") if isinstance(declared, dict) else None
+        if not isinstance(text, str):
             raise PatchError(f"patch of task {name!r} has no skillgraft metadata")
+        try:
+            meta, _ = parse_patch_metadata(text)
+        except PatchMetadataError as exc:
+            raise PatchError(f"task {name!r}: {exc}") from exc
         return meta
 
     def read_record(self, name: str) -> dict[str, Any]:
