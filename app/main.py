@@ -11,7 +11,7 @@ import anyio
 from fastapi import Depends, FastAPI
 
 from app import __version__
-from app.api.auth import KeyRing, authorize
+from app.api.auth import AuthMiddleware, KeyRing, declare_bearer
 from app.api.errors import install_error_handlers
 from app.api.limits import BodyLimit, BodySizeLimitMiddleware
 from app.api.openapi import install_openapi
@@ -77,7 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description="One pretrained transformer in memory, many tasks as sparse graft patches applied per request.",
         lifespan=lifespan,
-        dependencies=[Depends(authorize)],
+        dependencies=[Depends(declare_bearer)],
     )
     app.state.settings = settings
     app.state.keys = KeyRing.from_settings(settings.read_keys, settings.admin_keys)
@@ -102,6 +102,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             BodyLimit(writes, re.compile(r".*"), settings.max_request_bytes, "max_request_bytes"),
         ],
     )
+    # Starlette runs middlewares in reverse order of adding: request logging, then keys, then body limits, so a
+    # request without the right key is refused before any limit is looked at or any body byte is read.
+    app.add_middleware(AuthMiddleware, keys=app.state.keys)
     app.add_middleware(RequestObservabilityMiddleware)
     bind_app_state(app.state)
     for module in (health, info, tasks, jobs, classify, metrics, v2, skills, dashboard):

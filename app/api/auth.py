@@ -6,6 +6,10 @@
 
 Keys travel as ``Authorization: Bearer <key>`` and are compared in constant time. With no keys configured the
 service runs open (``create_app`` says so loudly when it binds beyond loopback).
+
+The key is checked by ``AuthMiddleware``, a pure ASGI middleware that runs before routing, so before any body is
+read, spooled or parsed: a client without a valid key costs the server one header lookup, whatever it sends.
+``required_scope`` is the one table of which route needs which key.
 """
 
 from __future__ import annotations
@@ -16,10 +20,13 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from fastapi import Request, Security
+from fastapi import Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Send
+from starlette.types import Scope as ASGIScope
 
-from app.core.errors import ServiceError
+from app.api.errors import Forbidden, Unauthorized, error_response, status_of
 
 Scope = Literal["read", "admin"]
 # Liveness/readiness probes, the API description and the dashboard page answer without a key.
@@ -29,14 +36,6 @@ OPEN_PATHS = re.compile(r"^/(|health|ready|docs|redoc|openapi\.json|v2/health/(l
 READ_WRITES = re.compile(r"^/(v1/classify|v2/models/[^/]+(/versions/[^/]+)?/infer)/?$")
 
 bearer = HTTPBearer(auto_error=False, description="API key with the `read` or `admin` scope")
-
-
-class Unauthorized(ServiceError):
-    code = "unauthorized"
-
-
-class Forbidden(ServiceError):
-    code = "forbidden"
 
 
 @dataclass(frozen=True)
@@ -86,21 +85,51 @@ def required_scope(method: str, path: str) -> Scope | None:
     return "admin"
 
 
-BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
-
-
-async def authorize(request: Request, credentials: BearerCredentials) -> None:
-    """App-wide dependency: the route's scope from its method and path, then the key's scopes."""
-    keys: KeyRing | None = getattr(request.app.state, "keys", None)
-    if keys is None or not keys.enabled:
+def check_key(keys: KeyRing, method: str, path: str, authorization: str | None) -> None:
+    """Raise ``Unauthorized`` or ``Forbidden`` unless the ``Authorization`` header grants what the route needs."""
+    if not keys.enabled:
         return
-    scope = required_scope(request.method, request.url.path)
+    scope = required_scope(method, path)
     if scope is None:
         return
-    if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
+    scheme, _, key = (authorization or "").strip().partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
         raise Unauthorized("an API key is required: send 'Authorization: Bearer <key>'")
-    held = keys.scopes_of(credentials.credentials)
+    held = keys.scopes_of(key)
     if not held:
         raise Unauthorized("the API key is not valid")
     if scope not in held:
-        raise Forbidden(f"this API key lacks the '{scope}' scope needed for {request.method} {request.url.path}")
+        raise Forbidden(f"this API key lacks the '{scope}' scope needed for {method} {path}")
+
+
+class AuthMiddleware:
+    """Refuses a request without the key its route needs before the app sees it (so before its body is read)."""
+
+    def __init__(self, app: ASGIApp, keys: KeyRing) -> None:
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keys.enabled:
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        try:
+            check_key(self.keys, scope["method"], scope["path"], headers.get("authorization"))
+        except (Unauthorized, Forbidden) as exc:
+            status, code = status_of(exc)
+            # The body is never read: close the connection after answering rather than drain what the client sends.
+            has_body = headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
+            extra = {"Connection": "close"} if has_body else None
+            await error_response(scope["path"], status, code, str(exc), extra)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
+
+
+async def declare_bearer(credentials: BearerCredentials) -> None:
+    """App-wide dependency that only declares the Bearer scheme in the OpenAPI document: the key itself was
+    checked by ``AuthMiddleware`` before the request reached any route."""

@@ -7,12 +7,21 @@ as soon as it passes the limit.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api.errors import error_response
+
+# Digits as HTTP means them: ASCII only (str.isdigit() is also true for '²' and other Unicode digits).
+ASCII_DIGITS = re.compile(r"[0-9]{1,20}")
+
+
+def ascii_int(value: str | None) -> int | None:
+    """The value of an HTTP length header, or None when it is absent or not plain ASCII digits."""
+    return int(value) if value is not None and ASCII_DIGITS.fullmatch(value) else None
 
 
 @dataclass(frozen=True)
@@ -41,9 +50,10 @@ class BodySizeLimitMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length", b"").decode()
-        if declared.isdigit() and int(declared) > limit.max_bytes:
-            await _refuse(send, f"request body of {declared} bytes is larger than {limit.setting}={limit.max_bytes}")
+        declared = ascii_int(headers.get(b"content-length", b"").decode("latin-1"))
+        if declared is not None and declared > limit.max_bytes:
+            reason = f"request body of {declared} bytes is larger than {limit.setting}={limit.max_bytes}"
+            await _refuse(scope, receive, send, reason)
             return
         received = 0
         started = refused = False
@@ -60,7 +70,8 @@ class BodySizeLimitMiddleware:
                     refused = True
                     if not started:
                         started = True
-                        await _refuse(send, f"request body is larger than {limit.setting}={limit.max_bytes}")
+                        reason = f"request body is larger than {limit.setting}={limit.max_bytes}"
+                        await _refuse(scope, receive, send, reason)
                     return {"type": "http.disconnect"}
             return message
 
@@ -75,17 +86,7 @@ class BodySizeLimitMiddleware:
         await self.app(scope, counted_receive, tracking_send)
 
 
-async def _refuse(send: Send, message: str) -> None:
-    body = json.dumps({"error": {"code": "limit_exceeded", "message": message}}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+async def _refuse(scope: Scope, receive: Receive, send: Send, message: str) -> None:
+    # The rest of the body is never read: close the connection rather than drain it.
+    response = error_response(scope["path"], 413, "limit_exceeded", message, {"Connection": "close"})
+    await response(scope, receive, send)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+from app.core.store import TASK_NAME_PATTERN
+from app.grafting.bounded_json import SURROGATE
 
 FINGERPRINT_EXAMPLE = "sha256:3f1c0a3e5b6d…"
+# A task name in a body: checked here, at the HTTP boundary, with the store's own pattern.
+TaskNameField = Annotated[str, StringConstraints(pattern=TASK_NAME_PATTERN.pattern)]
 
 
 class ErrorDetail(BaseModel):
@@ -126,8 +131,8 @@ class TextPairInput(BaseModel):
 class ClassifyRequest(BaseModel):
     """Name one ``task`` or several ``tasks`` (each input is classified by each task)."""
 
-    task: str | None = Field(None, description="One task name.", examples=["sst2"])
-    tasks: list[str] | None = Field(None, description="Several task names, instead of `task`.", min_length=1)
+    task: TaskNameField | None = Field(None, description="One task name.", examples=["sst2"])
+    tasks: list[TaskNameField] | None = Field(None, description="Several task names, instead of `task`.", min_length=1)
     inputs: list[str | TextPairInput] = Field(
         min_length=1, description="Texts, or objects with `text` and optional `text_pair`."
     )
@@ -147,6 +152,16 @@ class ClassifyRequest(BaseModel):
             ]
         },
     )
+
+    @field_validator("inputs")
+    @classmethod
+    def _unicode_text(cls, inputs: list[str | TextPairInput]) -> list[str | TextPairInput]:
+        # JSON can escape a lone surrogate (\ud800): a valid Python str, but no text a tokenizer can encode
+        for i, item in enumerate(inputs):
+            texts = [item] if isinstance(item, str) else [item.text, item.text_pair or ""]
+            if any(SURROGATE.search(text) for text in texts):
+                raise ValueError(f"inputs[{i}] holds a lone surrogate (\\ud800-\\udfff): not valid Unicode text")
+        return inputs
 
     @model_validator(mode="after")
     def _one_of_task_tasks(self) -> ClassifyRequest:

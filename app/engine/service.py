@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,14 +130,6 @@ class InferenceService:
         logits = await asyncio.wrap_future(self.engine.submit(rows))
         return self.decode(resolved, len(inputs), logits, return_probabilities, [enc.truncated for _, enc in rows])
 
-    def classify_sync(
-        self, tasks: Sequence[str], inputs: Sequence[TextInput], return_probabilities: bool = False
-    ) -> list[TaskPredictions]:
-        self.check_request(tasks, inputs)
-        rows, resolved = self.prepare(list(tasks), list(inputs))
-        truncated = [enc.truncated for _, enc in rows]
-        return self.decode(resolved, len(inputs), self.engine.run(rows), return_probabilities, truncated)
-
     def check_request(self, tasks: Sequence[str], inputs: Sequence[TextInput]) -> None:
         limits = self.limits
         if not tasks:
@@ -226,6 +219,13 @@ class InferenceService:
         if stored is None:
             raise TaskNotFound(f"task {name!r} not found")
         return stored
+
+    @contextmanager
+    def pristine_parameters(self) -> Iterator[Mapping[str, torch.Tensor]]:
+        """The base's parameters with no patch written in, kept so for the block (it holds the engine's weight
+        lock: no batch runs meanwhile), for readers of θ_pre such as the overlap report."""
+        with self.engine.weights_lock:
+            yield self.base.parameters
 
     def info(self) -> dict[str, Any]:
         return {

@@ -10,7 +10,7 @@ from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
-from app.api.deps import JobsDep
+from app.api.deps import JobId, JobsDep
 from app.api.errors import responses
 from app.grafting.checkpoint import PICKLE_SUFFIXES
 from app.jobs.errors import InvalidUpload, UnsupportedUpload
@@ -107,10 +107,10 @@ async def list_jobs(
 
 
 @router.get("/v1/jobs/{job_id}", summary="A job's state, progress, result or error", responses=responses(404, 503))
-async def read_job(jobs: JobsDep, job_id: str) -> JobPublic:
+async def read_job(jobs: JobsDep, job_id: JobId) -> JobPublic:
     return job_public(await run_in_threadpool(jobs.get, job_id))
 
 
 @router.delete("/v1/jobs/{job_id}", summary="Cancel a queued or running job", responses=responses(404, 503))
-async def cancel_job(jobs: JobsDep, job_id: str) -> JobPublic:
+async def cancel_job(jobs: JobsDep, job_id: JobId) -> JobPublic:
     return job_public(await run_in_threadpool(jobs.cancel, job_id))

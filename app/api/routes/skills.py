@@ -1,8 +1,5 @@
-"""Several skills together: mask overlap between tasks, and stitching tasks into one multi-skill model.
-
-Two routers, so that access rules can be attached to each when they are included: ``read_router`` (overlap, mask
-layout, stitched models and their downloads) and ``admin_router`` (``POST /v1/stitch`` starts a background job).
-"""
+"""Several skills together: mask overlap between tasks, where a task's mask sits, and stitching tasks into one
+multi-skill model. Which key each route needs is decided by ``app.api.auth.required_scope`` like everywhere."""
 
 from __future__ import annotations
 
@@ -15,15 +12,15 @@ from fastapi.responses import FileResponse
 from app.api.deps import ServiceDep, StitchDep, TaskName
 from app.api.errors import responses
 from app.api.routes.jobs import JobPublic, job_public
-from app.core.errors import InvalidInput, LimitExceeded
+from app.core.errors import InvalidInput, LimitExceeded, TaskUnusable
+from app.core.store import check_task_name
 from app.engine.service import InferenceService
 from app.grafting.evaluate import mask_breakdown, patch_counts
 from app.grafting.overlap import OverlapError, overlap_report
-from app.grafting.patch import BaseMismatchError, GraftPatch, load_patch
+from app.grafting.patch import BaseMismatchError, GraftPatch, PatchError, load_patch
 from app.jobs.models import StitchSpec
 
-read_router = APIRouter(tags=["skills"])
-admin_router = APIRouter(tags=["skills"])
+router = APIRouter(tags=["skills"])
 
 OVERLAP_EXAMPLE = {
     "tasks": ["sst2", "cr"],
@@ -36,10 +33,17 @@ OVERLAP_EXAMPLE = {
 }
 
 
+def _stored_patch(service: InferenceService, name: str) -> GraftPatch:
+    try:
+        return load_patch(service.patch_file(name).path)
+    except PatchError as exc:  # written badly by another process: the task cannot be used, as when classifying
+        raise TaskUnusable(f"task {name!r} has an unusable patch: {exc}") from exc
+
+
 def _load_patches(service: InferenceService, names: list[str]) -> dict[str, GraftPatch]:
     patches = {}
     for name in names:
-        patch = load_patch(service.patch_file(name).path)
+        patch = _stored_patch(service, name)
         if patch.base_fingerprint != service.base.fingerprint:
             raise BaseMismatchError(f"task {name!r} was made for another base model")
         patches[name] = patch
@@ -48,15 +52,15 @@ def _load_patches(service: InferenceService, names: list[str]) -> dict[str, Graf
 
 def _overlap(service: InferenceService, names: list[str]) -> dict[str, Any]:
     patches = _load_patches(service, names)
-    # δ is read from the live base: hold the engine's weight lock so that no patch is swapped in meanwhile
-    with service.engine.weights_lock:
+    # δ is read from the base: no patch may be swapped in meanwhile
+    with service.pristine_parameters() as parameters:
         try:
-            return overlap_report(patches, service.base.parameters)
+            return overlap_report(patches, parameters)
         except OverlapError as exc:
             raise InvalidInput(str(exc)) from exc
 
 
-@read_router.get(
+@router.get(
     "/v1/skills/overlap",
     summary="Pairwise mask overlap of stored tasks, overall and per layer",
     description="Matrices indexed [i][j] over `tasks`: containment |γi ∩ γj| / |γj|, Jaccard, intersection size, "
@@ -70,6 +74,8 @@ async def read_overlap(
     names = list(dict.fromkeys(t.strip() for t in tasks.split(",") if t.strip()))
     if not names:
         raise InvalidInput("name at least one task")
+    for name in names:  # the names come from a free-form query string: checked once, here
+        check_task_name(name)
     if len(names) > service.limits.max_tasks_per_request:
         raise LimitExceeded(f"{len(names)} tasks exceed max_tasks_per_request={service.limits.max_tasks_per_request}")
     return await run_in_threadpool(_overlap, service, names)
@@ -77,25 +83,28 @@ async def read_overlap(
 
 def _mask_layout(service: InferenceService, name: str) -> dict[str, Any]:
     info = service.describe_task(name)
+    if info.problem:
+        raise TaskUnusable(info.problem)
+    # the metadata schema guarantees its shape (app.grafting.patch_metadata.MaskLayout); both breakdowns are shown
     recorded = (info.metadata.get("metrics") or {}).get("mask")
-    if recorded and recorded.get("per_layer"):
+    if recorded and recorded.get("per_layer") and recorded.get("per_module_type") is not None:
         return {"task": name, "source": "metadata", "mask": recorded}
-    patch = load_patch(service.patch_file(name).path)
+    patch = _stored_patch(service, name)
     layout = {**mask_breakdown(patch_counts(patch)), "eligible_size": patch.eligible_size, "sparsity": patch.sparsity}
     return {"task": name, "source": "patch", "mask": layout}
 
 
-@read_router.get(
+@router.get(
     "/v1/skills/{name}/mask",
     summary="Where a task's mask sits: entries per encoder layer and module type",
     description="From the metrics the localization job wrote into the patch where present, else counted from it.",
-    responses=responses(400, 404, 422),
+    responses=responses(404, 409, 422),
 )
 async def read_mask(service: ServiceDep, name: TaskName) -> dict[str, Any]:
     return await run_in_threadpool(_mask_layout, service, name)
 
 
-@admin_router.post(
+@router.post(
     "/v1/stitch",
     status_code=status.HTTP_202_ACCEPTED,
     summary="Stitch stored tasks into one multi-skill model (a background job)",
@@ -115,13 +124,13 @@ async def submit_stitch(stitching: StitchDep, spec: StitchSpec, response: Respon
     return job_public(record)
 
 
-@read_router.get("/v1/stitch", summary="Names of the stitched models", responses=responses(503))
+@router.get("/v1/stitch", summary="Names of the stitched models", responses=responses(503))
 async def list_stitched(stitching: StitchDep) -> dict[str, Any]:
     names = await run_in_threadpool(stitching.models.names)
     return {"items": names, "count": len(names)}
 
 
-@read_router.get(
+@router.get(
     "/v1/stitch/{name}",
     summary="A stitched model's report: tasks, overlap summary, per-task accuracy",
     responses=responses(404, 422, 503),
@@ -130,7 +139,7 @@ async def read_stitched(stitching: StitchDep, name: TaskName) -> dict[str, Any]:
     return await run_in_threadpool(stitching.models.report, name)
 
 
-@read_router.get(
+@router.get(
     "/v1/stitch/{name}/model",
     summary="Download the stitched encoder as a safetensors state dict",
     response_class=FileResponse,
@@ -142,8 +151,3 @@ async def read_stitched(stitching: StitchDep, name: TaskName) -> dict[str, Any]:
 async def download_stitched(stitching: StitchDep, name: TaskName) -> FileResponse:
     path = await run_in_threadpool(stitching.models.model_path, name)
     return FileResponse(path, media_type="application/octet-stream", filename=f"{name}.safetensors")
-
-
-router = APIRouter()
-router.include_router(read_router)
-router.include_router(admin_router)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import APIRouter, Request, Response, status
@@ -10,11 +11,18 @@ from fastapi.responses import FileResponse
 
 from app.api.deps import ServiceDep, TaskName
 from app.api.errors import responses
+from app.api.limits import ascii_int
 from app.api.schemas import TaskPublic, TasksPublic
-from app.core.errors import LimitExceeded
+from app.core.errors import LimitExceeded, TaskUnusable
 from app.engine.service import TaskInfo
+from app.jobs.errors import UnsupportedUpload
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+# A pickle (protocol 2+) starts with PROTO and its version; torch.save writes a zip. A safetensors file starts with
+# an 8-byte header length followed by "{", which tells it apart from both even when its first byte is 0x80.
+PICKLE_PROTOCOLS = {bytes([0x80, version]) for version in range(2, 6)}
+ZIP_MAGIC = b"PK\x03\x04"
 
 PATCH_BODY: dict[str, Any] = {
     "requestBody": {
@@ -48,15 +56,33 @@ def task_public(info: TaskInfo) -> TaskPublic:
     )
 
 
-@router.get("", summary="List the stored tasks", responses=responses(503))
+def usable(info: TaskInfo) -> TaskInfo:
+    """The task, if its stored patch can be read; else ``TaskUnusable`` naming why (for this task only)."""
+    if info.problem:
+        raise TaskUnusable(info.problem)
+    return info
+
+
+@router.get(
+    "",
+    summary="List the stored tasks",
+    description="Tasks whose stored patch cannot be read are left out (and logged); reading one by name says why.",
+    responses=responses(503),
+)
 async def list_tasks(service: ServiceDep) -> TasksPublic:
-    items = [task_public(info) for info in await run_in_threadpool(service.list_tasks)]
+    items = []
+    for info in await run_in_threadpool(service.list_tasks):
+        if info.problem:
+            # one bad file (e.g. written by another tool) must not take the listing down for every caller
+            log.warning("task %r left out of the listing: %s", info.name, info.problem)
+            continue
+        items.append(task_public(info))
     return TasksPublic(items=items, count=len(items))
 
 
-@router.get("/{name}", summary="A task's metadata and metrics", responses=responses(404, 422, 503))
+@router.get("/{name}", summary="A task's metadata and metrics", responses=responses(404, 409, 422, 503))
 async def read_task(service: ServiceDep, name: TaskName) -> TaskPublic:
-    return task_public(await run_in_threadpool(service.describe_task, name))
+    return task_public(usable(await run_in_threadpool(service.describe_task, name)))
 
 
 @router.delete(
@@ -74,12 +100,12 @@ async def delete_task(service: ServiceDep, name: TaskName) -> Response:
     "store unchanged. Example: `curl -X PUT --data-binary @patch.safetensors "
     "-H 'Content-Type: application/octet-stream' http://localhost:8000/v1/tasks/sst2/patch`.",
     openapi_extra=PATCH_BODY,
-    responses={201: {"model": TaskPublic, "description": "Task created"}, **responses(400, 409, 413, 422, 503)},
+    responses={201: {"model": TaskPublic, "description": "Task created"}, **responses(400, 409, 413, 415, 422, 503)},
 )
 async def put_patch(service: ServiceDep, name: TaskName, request: Request, response: Response) -> TaskPublic:
     limit = service.limits.max_patch_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    declared = ascii_int(request.headers.get("content-length"))
+    if declared is not None and declared > limit:
         raise LimitExceeded(f"patch of {declared} bytes exceeds max_patch_bytes={limit}")
     chunks: list[bytes] = []
     size = 0
@@ -88,7 +114,10 @@ async def put_patch(service: ServiceDep, name: TaskName, request: Request, respo
         if size > limit:
             raise LimitExceeded(f"patch exceeds max_patch_bytes={limit}")
         chunks.append(chunk)
-    info, created = await run_in_threadpool(service.put_patch, name, b"".join(chunks))
+    data = b"".join(chunks)
+    if looks_pickled(data):
+        raise UnsupportedUpload("patch", "looks like a pickle or torch.save file; patches are safetensors only")
+    info, created = await run_in_threadpool(service.put_patch, name, data)
     response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
     return task_public(info)
 
@@ -110,3 +139,10 @@ async def get_patch(service: ServiceDep, name: TaskName) -> FileResponse:
         filename=f"{name}.safetensors",
         headers={"ETag": f'"{stored.etag}"'},
     )
+
+
+def looks_pickled(data: bytes) -> bool:
+    """Whether ``data`` is a pickle or a torch.save archive rather than a safetensors file (never unpickled)."""
+    if data[8:9] == b"{":
+        return False
+    return data[:2] in PICKLE_PROTOCOLS or data[:4] == ZIP_MAGIC

@@ -8,28 +8,26 @@ they are; binary tensor data (the ``binary_tensor_data`` extension) carries them
 patch, so a ``versions/{v}`` path segment is accepted and ignored.
 
 Errors take the protocol's shape ``{"error": "..."}`` (v1 keeps its own): ``V2Route`` answers whatever a v2 route or
-its dependencies raise, with ``app.api.errors.status_of``'s statuses except that the protocol has no 422 (bad input
-is 400) and a name no task can have is an unknown model (404).
+its dependencies raise through ``app.api.errors.exception_response``, the one renderer, which picks the shape and the
+protocol's statuses by path (no 422: bad input is 400; a name no task can have is an unknown model, 404).
 """
 
 from __future__ import annotations
 
-import logging
 import struct
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__
-from app.api.deps import ServiceDep
-from app.api.errors import status_of
+from app.api.deps import ModelName, ServiceDep
+from app.api.errors import exception_response
+from app.api.limits import ascii_int
 from app.api.schemas_v2 import (
     LABEL,
     OUTPUT_NAMES,
@@ -49,50 +47,18 @@ from app.api.schemas_v2 import (
     ServerReady,
     TensorMetadata,
 )
-from app.core.errors import InvalidInput, InvalidTaskName, ServiceError, TaskUnusable
-from app.core.store import check_task_name
+from app.core.errors import InvalidInput, TaskUnusable
 from app.engine.service import InferenceService, Prediction, TaskInfo, TextInput
-from app.grafting.patch import PatchError
-
-log = logging.getLogger(__name__)
+from app.grafting.bounded_json import BoundedJSONError, loads_bounded
 
 PLATFORM = "skillgraft"
 EXTENSIONS = ["binary_tensor_data"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
+# A request nests [N, 1] tensor data inside its inputs (5 levels) plus free-form parameters.
+MAX_REQUEST_DEPTH = 32
 
 
 # -- errors in the protocol's shape ------------------------------------------------------------------------------
-
-
-def v2_status(exc: Exception) -> int:
-    if isinstance(exc, InvalidTaskName):  # no task can have this name: an unknown model
-        return 404
-    if isinstance(exc, RequestValidationError):
-        return 400
-    if isinstance(exc, StarletteHTTPException):
-        return exc.status_code
-    status, _ = status_of(exc)
-    return 400 if status == 422 else status
-
-
-def v2_error(request: Request, exc: Exception) -> JSONResponse:
-    status = v2_status(exc)
-    if isinstance(exc, RequestValidationError):
-        message = "; ".join(
-            f"{'.'.join(str(part) for part in item.get('loc', ()))}: {item.get('msg', 'invalid')}"
-            for item in exc.errors()[:5]
-        )
-    elif isinstance(exc, StarletteHTTPException):
-        message = str(exc.detail)
-    elif isinstance(exc, ServiceError | PatchError):
-        message = str(exc)
-    else:  # no traceback reaches a client
-        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        message = "internal server error"
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
-    if status == 401:
-        headers = {"WWW-Authenticate": "Bearer"}
-    return JSONResponse({"error": message or "invalid request"}, status_code=status, headers=headers)
 
 
 class V2Route(APIRoute):
@@ -105,7 +71,7 @@ class V2Route(APIRoute):
             try:
                 return await handler(request)
             except Exception as exc:
-                return v2_error(request, exc)
+                return exception_response(request, exc)
 
         return handle
 
@@ -213,22 +179,22 @@ METADATA = {
 
 
 @router.get("/models/{model_name}/ready", **READY)
-async def read_model_ready(service: ServiceDep, model_name: str) -> JSONResponse:
+async def read_model_ready(service: ServiceDep, model_name: ModelName) -> JSONResponse:
     return await model_ready(service, model_name)
 
 
 @router.get("/models/{model_name}/versions/{model_version}/ready", **READY)
-async def read_model_version_ready(service: ServiceDep, model_name: str, model_version: str) -> JSONResponse:
+async def read_model_version_ready(service: ServiceDep, model_name: ModelName, model_version: str) -> JSONResponse:
     return await model_ready(service, model_name)
 
 
 @router.get("/models/{model_name}", **METADATA)
-async def read_model_metadata(service: ServiceDep, model_name: str) -> ModelMetadata:
+async def read_model_metadata(service: ServiceDep, model_name: ModelName) -> ModelMetadata:
     return await model_metadata(service, model_name)
 
 
 @router.get("/models/{model_name}/versions/{model_version}", **METADATA)
-async def read_model_version_metadata(service: ServiceDep, model_name: str, model_version: str) -> ModelMetadata:
+async def read_model_version_metadata(service: ServiceDep, model_name: ModelName, model_version: str) -> ModelMetadata:
     return await model_metadata(service, model_name)
 
 
@@ -239,14 +205,21 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     """The JSON header and the binary tensor data after it (the ``binary_tensor_data`` extension)."""
     if header_length is None:
         return body, b""
-    if not header_length.isdigit() or int(header_length) > len(body):
-        raise InvalidInput(f"{HEADER_LENGTH}={header_length!r} does not fit a body of {len(body)} bytes")
-    return body[: int(header_length)], body[int(header_length) :]
+    length = ascii_int(header_length)
+    if length is None or length > len(body):
+        raise InvalidInput(f"{HEADER_LENGTH}={header_length[:40]!r} does not fit a body of {len(body)} bytes")
+    return body[:length], body[length:]
 
 
 def parse_request(header: bytes) -> InferenceRequest:
+    # Parsed by the bounded reader (depth, strict UTF-8, lone surrogates refused naming the tensor element), then
+    # validated: pydantic's own JSON parser would refuse a surrogate escape without saying where it is.
     try:
-        return InferenceRequest.model_validate_json(header)
+        raw = loads_bounded(header, max_depth=MAX_REQUEST_DEPTH)
+    except BoundedJSONError as exc:
+        raise InvalidInput(f"invalid inference request: {exc}") from None
+    try:
+        return InferenceRequest.model_validate(raw)
     except ValidationError as exc:
         problems = []
         for item in exc.errors()[:5]:
@@ -419,7 +392,6 @@ INFER = {
 
 
 async def infer(service: InferenceService, model_name: str, request: Request) -> Response:
-    check_task_name(model_name)
     encoding = request.headers.get("content-encoding", "identity").lower()
     if encoding != "identity":
         raise InvalidInput(f"Content-Encoding {encoding!r} is not supported: send the request uncompressed")
@@ -452,12 +424,14 @@ async def infer(service: InferenceService, model_name: str, request: Request) ->
 
 
 @router.post("/models/{model_name}/infer", **INFER)
-async def infer_model(service: ServiceDep, model_name: str, request: Request) -> Response:
+async def infer_model(service: ServiceDep, model_name: ModelName, request: Request) -> Response:
     return await infer(service, model_name, request)
 
 
 @router.post("/models/{model_name}/versions/{model_version}/infer", **INFER)
-async def infer_model_version(service: ServiceDep, model_name: str, model_version: str, request: Request) -> Response:
+async def infer_model_version(
+    service: ServiceDep, model_name: ModelName, model_version: str, request: Request
+) -> Response:
     return await infer(service, model_name, request)
 
 
