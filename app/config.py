@@ -54,6 +54,13 @@ class Settings(BaseSettings):
     )
     worker_maintenance_s: int = Field(15, ge=1, le=3600, description="How often idle workers look for abandoned jobs.")
     max_upload_bytes: int = Field(2 * 2**30, ge=1024, description="Largest accepted upload (checkpoint + data).")
+    max_uncompressed_bytes: int = Field(
+        2 * 2**30, ge=1024, description="Most bytes a zipped checkpoint may declare and expand to when unpacked."
+    )
+    max_zip_members: int = Field(1000, ge=1, description="Most entries a zipped checkpoint's directory may list.")
+    max_json_bytes: int = Field(
+        4 * 2**20, ge=1024, description="Largest JSON file in an upload read into memory (config.json)."
+    )
     keep_failed_uploads_h: float = Field(
         72.0, ge=0, description="Hours a failed job's upload is kept for inspection (0 = delete at once)."
     )

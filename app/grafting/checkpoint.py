@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from app.grafting.base import BaseModel, normalize_state_dict
+from app.grafting.bounded_json import BoundedJSONError, loads_bounded
 from app.grafting.heads import (
     CLASSIFIER_TENSORS,
     HeadError,
@@ -28,6 +29,7 @@ from app.grafting.heads import (
     detect_classifier_kind,
 )
 from app.grafting.patch import atomic_write, sha256_file
+from app.grafting.patch_metadata import PatchMetadataError, head_spec_from_json
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 TOKENIZER_FILES = (
@@ -39,6 +41,11 @@ TOKENIZER_FILES = (
     "vocab.json",
     "sentencepiece.bpe.model",
 )
+
+
+# config.json files are a few KiB; transformers' own nest about four levels.
+MAX_CONFIG_JSON_BYTES = 4 * 2**20
+MAX_CONFIG_JSON_DEPTH = 32
 
 
 class CheckpointError(ValueError):
@@ -85,7 +92,39 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path.name}: not a readable safetensors file ({exc})") from exc
 
 
-def load_checkpoint(path: str | Path, extract_dir: Path | None = None) -> Checkpoint:
+def read_config_json(path: Path, max_bytes: int = MAX_CONFIG_JSON_BYTES) -> dict[str, Any]:
+    """A checkpoint's ``config.json``: at most ``max_bytes``, UTF-8, a JSON object of bounded depth, and the parts
+    this service reads (``skillgraft.head``, ``id2label``) well-typed. Errors name the file."""
+    with path.open("rb") as handle:
+        data = handle.read(max_bytes + 1)
+    try:
+        config = loads_bounded(data, max_depth=MAX_CONFIG_JSON_DEPTH, max_bytes=max_bytes)
+    except BoundedJSONError as exc:
+        raise CheckpointError(f"{path.name}: {exc}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path.name}: must hold a JSON object, not {type(config).__name__}")
+    info = config.get("skillgraft")
+    if info is not None:
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{path.name}: 'skillgraft' must be an object")
+        if info.get("head") is not None:
+            try:
+                head_spec_from_json(info["head"])
+            except PatchMetadataError as exc:
+                raise CheckpointError(f"{path.name}: 'skillgraft.head': {exc}") from None
+    id2label = config.get("id2label")
+    if id2label is not None and not (
+        isinstance(id2label, dict)
+        and all(key.isascii() and key.isdigit() for key in id2label)
+        and all(isinstance(label, str | int) and not isinstance(label, bool) for label in id2label.values())
+    ):
+        raise CheckpointError(f"{path.name}: 'id2label' must map label ids such as '0' to label names")
+    return config
+
+
+def load_checkpoint(
+    path: str | Path, extract_dir: Path | None = None, max_config_bytes: int = MAX_CONFIG_JSON_BYTES
+) -> Checkpoint:
     """Read a checkpoint folder, ``.safetensors`` file or zip; tensors are split later by ``split_for_base``."""
     source = Path(path)
     config: dict[str, Any] = {}
@@ -100,15 +139,12 @@ def load_checkpoint(path: str | Path, extract_dir: Path | None = None) -> Checkp
             hint = f" (found {pickled[0]}: pickle checkpoints are refused)" if pickled else ""
             raise CheckpointError(f"checkpoint folder has no model.safetensors{hint}")
         if (source / "config.json").is_file():
-            try:
-                config = json.loads((source / "config.json").read_text())
-            except json.JSONDecodeError as exc:
-                raise CheckpointError(f"config.json is not valid JSON ({exc.msg})") from exc
+            config = read_config_json(source / "config.json", max_config_bytes)
     elif source.is_file():
         weights = source
         sidecar = source.with_name("config.json")
         if sidecar.is_file():
-            config = json.loads(sidecar.read_text())
+            config = read_config_json(sidecar, max_config_bytes)
     else:
         raise CheckpointError(f"checkpoint {source} not found")
     try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 import random
 import sys
@@ -11,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.grafting.bounded_json import BoundedJSONError, loads_bounded
 from app.grafting.heads import Example, HeadSpec
 
 csv.field_size_limit(sys.maxsize)
@@ -19,6 +19,10 @@ DATA_DIR_ENV = "SKILLGRAFT_DATA_DIR"
 # The seeded test split of sets without an official one (mr, cr, mpqa, subj): fixed, independent of k-shot seeds.
 TEST_SPLIT_SEED = 42
 TEST_SPLIT_SIZE = 2000
+
+
+# A record is a flat object of strings and a label; a little room for extra fields, none for 100k brackets.
+MAX_RECORD_DEPTH = 8
 
 
 class DataError(ValueError):
@@ -331,9 +335,9 @@ def read_user_data(path: str | Path, labels: Sequence[str] | None = None) -> tup
                 for number, line in enumerate(handle, 1):
                     if line.strip():
                         try:
-                            record = json.loads(line)
-                        except json.JSONDecodeError as exc:
-                            raise DataError(f"{file.name} line {number}: not valid JSON ({exc.msg})") from exc
+                            record = loads_bounded(line, max_depth=MAX_RECORD_DEPTH)
+                        except BoundedJSONError as exc:
+                            raise DataError(f"{file.name} line {number}: {exc}") from None
                         if not isinstance(record, dict):
                             raise DataError(f"{file.name} line {number}: expected a JSON object")
                         rows.append((number, record))
