@@ -30,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save, save_file
 
 from app.grafting.heads import HeadError, HeadSpec, validate_head_tensors
+from app.grafting.patch_metadata import PatchMetadataError, parse_patch_metadata
 
 PATCH_FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = {1}
@@ -208,12 +209,9 @@ def load_patch(path: str | Path) -> GraftPatch:
     if version not in SUPPORTED_VERSIONS:
         raise PatchError(f"unsupported patch format version {version}; this build reads {sorted(SUPPORTED_VERSIONS)}")
     try:
-        meta = json.loads(header["skillgraft.meta"])
-        spec = HeadSpec.from_json(meta["head"])
-        task = str(meta["task"])
-        fingerprint = str(meta["base_fingerprint"])
-    except (json.JSONDecodeError, KeyError, TypeError, HeadError) as exc:
-        raise PatchError(f"patch metadata is malformed: {exc}") from exc
+        _, meta = parse_patch_metadata(header["skillgraft.meta"])
+    except PatchMetadataError as exc:
+        raise PatchError(str(exc)) from exc
 
     entries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     head: dict[str, torch.Tensor] = {}
@@ -247,18 +245,18 @@ def load_patch(path: str | Path) -> GraftPatch:
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise PatchError(f"head tensor {name!r} holds NaN or Inf")
     return GraftPatch(
-        task=task,
-        spec=spec,
-        base_fingerprint=fingerprint,
+        task=meta.task,
+        spec=meta.head.to_spec(),
+        base_fingerprint=meta.base_fingerprint,
         entries=dict(sorted(entries.items())),
         head=head,
-        eligible_rule=str(meta.get("eligible_rule", "layers")),
-        eligible_size=int(meta.get("eligible_size", 0)),
-        method=str(meta.get("method", "manual")),
-        source_checkpoint_sha256=meta.get("source_checkpoint_sha256"),
-        created_at=str(meta.get("created_at", "")),
-        metrics=dict(meta.get("metrics") or {}),
-        extra=dict(meta.get("extra") or {}),
+        eligible_rule=meta.eligible_rule,
+        eligible_size=meta.eligible_size,
+        method=meta.method,
+        source_checkpoint_sha256=meta.source_checkpoint_sha256,
+        created_at=meta.created_at or "",
+        metrics=dict(meta.metrics),
+        extra=dict(meta.extra),
         format_version=version,
     )
 
