@@ -9,8 +9,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from app.config import get_settings
+from app.jobs.context import JobContext
 from app.jobs.models import JobState
-from app.jobs.work import JobContext, run_job
+from app.jobs.runner import run_job
+from app.jobs.service import build_worker_context
+from app.jobs.store import RedisJobStore
 
 log = logging.getLogger("skillgraft.jobs")
 CONTEXT: JobContext | None = None
@@ -19,9 +23,6 @@ CONTEXT: JobContext | None = None
 def context() -> JobContext:
     global CONTEXT
     if CONTEXT is None:
-        from app.config import get_settings
-        from app.jobs.service import build_worker_context
-
         CONTEXT = build_worker_context(get_settings())
     return CONTEXT
 
@@ -32,8 +33,6 @@ def run(job_id: str) -> dict[str, Any] | None:
 
 def on_failure(job: Any, connection: Any, exc_type: Any, exc_value: Any, tb: Any) -> None:
     """RQ calls this on a crash or an abandoned job (worker died); RQ retries while retries are left."""
-    from app.jobs.store import RedisJobStore
-
     store = RedisJobStore(connection)
     reason = f"{getattr(exc_type, '__name__', exc_type)}: {exc_value}" if exc_value else str(exc_type)
     if job.retries_left:

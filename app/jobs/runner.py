@@ -1,4 +1,7 @@
-"""Job runners: where the job function executes. Same function, same records, two backends.
+"""Job runners: where job functions execute. Same functions, same records, two backends.
+
+``run_job`` looks a record up and calls the job function of its kind (``JOB_FUNCTIONS``): every runner goes
+through it, so a new job kind is one entry in that table.
 
 * ``InProcessRunner`` (embedded default, no Redis): one daemon thread with its own copy of the base model,
   jobs run one at a time; unfinished jobs are picked up again when the process restarts.
@@ -12,13 +15,31 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from typing import Any, Protocol
 
-from app.jobs.models import JobState
-from app.jobs.work import JobContext, run_job
+from app.jobs.context import JobContext
+from app.jobs.models import JobKind, JobRecord, JobState
+from app.jobs.stitching import run_stitch_job
+from app.jobs.work import run_localize_job
 
 log = logging.getLogger("skillgraft.jobs")
 QUEUE_NAME = "skillgraft"
+
+JobFunction = Callable[[JobContext, JobRecord], dict[str, Any] | None]
+JOB_FUNCTIONS: dict[JobKind, JobFunction] = {
+    "localize": run_localize_job,
+    "stitch": run_stitch_job,
+}
+
+
+def run_job(ctx: JobContext, job_id: str) -> dict[str, Any] | None:
+    """Run one job to its end state with the function of its kind; a missing or finished record is skipped (a
+    cancelled job still on a queue, or a retry of a job that finished meanwhile)."""
+    record = ctx.jobs.get(job_id)
+    if record is None or record.state.finished:
+        return None
+    return JOB_FUNCTIONS[record.kind](ctx, record)
 
 
 class JobRunner(Protocol):

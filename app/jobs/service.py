@@ -16,17 +16,23 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from app.config import Settings
-from app.core.errors import LimitExceeded, Overloaded, ServiceError
+from app.core.errors import LimitExceeded, Overloaded, ServiceError, TaskNotFound
 from app.core.store import LocalTaskStore
 from app.grafting.base import BaseModel, load_base
+from app.jobs.context import JobContext
 from app.jobs.errors import InvalidUpload, JobNotFound, QueueUnavailable, TaskExists, UnsupportedUpload
-from app.jobs.inputs import UploadError, UploadLimits, UploadPaths, load_job_inputs
-from app.jobs.models import JobRecord, JobState, TaskSpec, job_id_for
+from app.jobs.inputs import UploadError, UploadPaths, load_job_inputs
+from app.jobs.models import JobRecord, JobState, StitchSpec, TaskSpec, job_id_for, stitch_job_id
 from app.jobs.runner import InProcessRunner, JobRunner, RQRunner
+from app.jobs.stitching import StitchedModels
 from app.jobs.store import FileJobStore, JobStore, RedisJobStore
-from app.jobs.work import JobContext, sweep_failed_uploads
+from app.jobs.work import sweep_failed_uploads
 
 log = logging.getLogger("skillgraft.jobs")
+# Redis pub/sub channel: a worker publishes {"task": name} on it after a job (re)writes a task. Nobody subscribes
+# yet; the consumer planned is each API replica, dropping its cached patch of that task (its patch registry) instead
+# of waiting to notice the new file. The subscriber will be wired where the app is assembled (``app.main``), since
+# the engine may not import ``app.jobs``.
 TASK_CHANNEL = "skillgraft:tasks"
 CHUNK = 1 << 20
 
@@ -106,8 +112,7 @@ class JobService:
         self._check_name_free(spec)
         (staging.folder / "spec.json").write_text(spec.model_dump_json())
         try:
-            limits = UploadLimits.from_settings(self.settings)
-            load_job_inputs(UploadPaths(staging.folder), spec, self.base, staging.folder / "extracted", limits)
+            load_job_inputs(UploadPaths(staging.folder), spec, self.base, staging.folder / "extracted")
         except UploadError as exc:
             error = UnsupportedUpload if "pickle" in exc.message else InvalidUpload
             raise error(exc.field, exc.message) from exc
@@ -208,6 +213,39 @@ class JobService:
             self.uploads_dir,
             failed_upload_retention_h=self.settings.keep_failed_uploads_h,
         )
+
+
+class StitchService:
+    """Submits stitch jobs through a ``JobService``'s store and runner; reads finished stitched models."""
+
+    def __init__(self, jobs: JobService) -> None:
+        self.jobs = jobs
+        self.models = StitchedModels(jobs.tasks.root)
+
+    def submit(self, spec: StitchSpec) -> tuple[JobRecord, bool]:
+        """Queue a stitch job; an identical earlier submission (same spec, same stored patches) returns its job."""
+        etags = []
+        for task in spec.tasks:
+            stored = self.jobs.tasks.stat(task)
+            if stored is None:
+                raise TaskNotFound(f"task {task!r} not found")
+            etags.append(stored.etag)
+        job_id = stitch_job_id(spec, etags)
+        existing = self.jobs.jobs.get(job_id)
+        if existing is not None and existing.state not in (JobState.failed, JobState.cancelled):
+            return existing, False
+        if self.models.exists(spec.name) and not spec.replace:
+            raise TaskExists(f"stitched model {spec.name!r} exists; submit with replace=true to replace it")
+        record = JobRecord(id=job_id, kind="stitch", task=spec.name, params=spec.model_dump())
+        if existing is not None:
+            self.jobs.jobs.delete(job_id)
+        self.jobs.jobs.create(record)
+        try:
+            self.jobs.runner.submit(job_id)
+        except Exception as exc:
+            self.jobs.jobs.update(job_id, state=JobState.failed, error=f"could not queue: {exc}")
+            raise QueueUnavailable(f"the job queue is unavailable: {exc}") from exc
+        return record, True
 
 
 def connect_redis(url: str) -> Any:

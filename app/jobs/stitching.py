@@ -8,8 +8,8 @@ on the task's dataset where one is known, then writes under the store root::
     stitched/<name>/report.json         tasks, union/overlap summary, per-task accuracy, job id
     tasks/<name>.<task>/patch.safetensors   with ``serve``: each member as a servable task (its own head)
 
-``StitchService`` is what the API calls: submit, and read the stitched models back. It sits beside
-``JobService`` (same job store and runner) rather than inside it.
+Submission goes through the one job door (``app.jobs.service.StitchService`` → ``JobService.enqueue``); this module
+is the job function the runner calls for records of kind ``stitch``, and the ``stitched/`` folder it writes.
 """
 
 from __future__ import annotations
@@ -27,12 +27,11 @@ from app.grafting.base import BaseModel
 from app.grafting.data import REGISTRY, DataError, load_dataset
 from app.grafting.heads import TaskModel, Tokenization
 from app.grafting.inference import accuracy, predict_logits
-from app.grafting.patch import GraftPatch, atomic_write, grafted, load_patch, patch_to_bytes, validate_patch
+from app.grafting.patch import GraftPatch, atomic_write, grafted, load_patch, validate_patch
 from app.grafting.stitch import StitchError, member_patch, stitch, stitched_state_dict
-from app.jobs.errors import QueueUnavailable, StitchNotFound, TaskExists
-from app.jobs.models import JobRecord, JobState, StitchSpec, member_name, stitch_job_id, utc_now
-from app.jobs.service import JobService
-from app.jobs.work import JobContext, Phases, finish
+from app.jobs.context import JobContext, Phases, finish, is_cancelled, start, store_task
+from app.jobs.errors import StitchNotFound
+from app.jobs.models import JobRecord, JobState, StitchSpec, member_name
 
 STITCHED_DIR = "stitched"
 MODEL_FILE = "model.safetensors"
@@ -70,51 +69,12 @@ class StitchedModels:
         return sorted(p.name for p in self.root.iterdir() if (p / REPORT_FILE).is_file())
 
 
-class StitchService:
-    """Submits stitch jobs through a ``JobService``'s store and runner; reads finished stitched models."""
-
-    def __init__(self, jobs: JobService) -> None:
-        self.jobs = jobs
-        self.models = StitchedModels(jobs.tasks.root)
-
-    def submit(self, spec: StitchSpec) -> tuple[JobRecord, bool]:
-        """Queue a stitch job; an identical earlier submission (same spec, same stored patches) returns its job."""
-        etags = []
-        for task in spec.tasks:
-            stored = self.jobs.tasks.stat(task)
-            if stored is None:
-                raise TaskNotFound(f"task {task!r} not found")
-            etags.append(stored.etag)
-        job_id = stitch_job_id(spec, etags)
-        existing = self.jobs.jobs.get(job_id)
-        if existing is not None and existing.state not in (JobState.failed, JobState.cancelled):
-            return existing, False
-        if self.models.exists(spec.name) and not spec.replace:
-            raise TaskExists(f"stitched model {spec.name!r} exists; submit with replace=true to replace it")
-        record = JobRecord(id=job_id, kind="stitch", task=spec.name, params=spec.model_dump())
-        if existing is not None:
-            self.jobs.jobs.delete(job_id)
-        self.jobs.jobs.create(record)
-        try:
-            self.jobs.runner.submit(job_id)
-        except Exception as exc:
-            self.jobs.jobs.update(job_id, state=JobState.failed, error=f"could not queue: {exc}")
-            raise QueueUnavailable(f"the job queue is unavailable: {exc}") from exc
-        return record, True
-
-
 def run_stitch_job(ctx: JobContext, record: JobRecord) -> dict[str, Any] | None:
     """Run one stitch job to its end state; bad inputs (a task gone, another base) fail it without retry."""
     spec = StitchSpec.model_validate(record.params)
     phases = Phases()
     total = len(spec.tasks)
-    ctx.jobs.update(
-        record.id,
-        state=JobState.running,
-        started_at=utc_now(),
-        attempts=record.attempts + 1,
-        progress={"phase": "load", "step": 0, "total": total},
-    )
+    start(ctx, record, total)
     base = ctx.base
     try:
         phases.enter("load")
@@ -126,8 +86,7 @@ def run_stitch_job(ctx: JobContext, record: JobRecord) -> dict[str, Any] | None:
         phases.enter("evaluate")
         scores: dict[str, Any] = {}
         for step, (patch, member) in enumerate(zip(patches, members, strict=True), 1):
-            current = ctx.jobs.get(record.id)
-            if current is not None and current.state == JobState.cancelled:
+            if is_cancelled(ctx, record.id):
                 finish(ctx, record.id, JobState.cancelled, phases, error="cancelled")
                 return None
             scores[patch.task] = _score(ctx, base, spec, patch, member)
@@ -196,14 +155,8 @@ def _publish(
     atomic_write(folder / MODEL_FILE, lambda tmp: save_file(state, str(tmp), metadata=metadata))
     served = []
     if spec.serve:
-
-        def validate(path: Path) -> None:
-            validate_patch(load_patch(path), base.parameters, base.fingerprint, base.hidden_size)
-
         for member in members:
-            ctx.tasks.write_patch(member.task, patch_to_bytes(member), validate, source=f"job:{record.id}")
-            if ctx.on_task_written is not None:
-                ctx.on_task_written(member.task)
+            store_task(ctx, base, member, record.id)
             served.append(member.task)
     report = {
         "name": spec.name,
