@@ -21,7 +21,7 @@ from app.core.store import LocalTaskStore
 from app.grafting.base import BaseModel, load_base
 from app.jobs.context import JobContext
 from app.jobs.errors import InvalidUpload, JobNotFound, QueueUnavailable, TaskExists, UnsupportedUpload
-from app.jobs.inputs import UploadError, UploadPaths, load_job_inputs
+from app.jobs.inputs import UploadError, UploadLimits, UploadPaths, load_job_inputs
 from app.jobs.models import JobRecord, JobState, StitchSpec, TaskSpec, job_id_for, stitch_job_id
 from app.jobs.runner import InProcessRunner, JobRunner, RQRunner
 from app.jobs.stitching import StitchedModels
@@ -112,7 +112,8 @@ class JobService:
         self._check_name_free(spec)
         (staging.folder / "spec.json").write_text(spec.model_dump_json())
         try:
-            load_job_inputs(UploadPaths(staging.folder), spec, self.base, staging.folder / "extracted")
+            limits = UploadLimits.from_settings(self.settings)
+            load_job_inputs(UploadPaths(staging.folder), spec, self.base, staging.folder / "extracted", limits)
         except UploadError as exc:
             error = UnsupportedUpload if "pickle" in exc.message else InvalidUpload
             raise error(exc.field, exc.message) from exc
