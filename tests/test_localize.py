@@ -111,7 +111,7 @@ def test_data_free_methods_have_the_requested_size(tiny_base: BaseModel) -> None
     ft = random_finetune(tiny_base, seed=2)
     saved = snapshot(tiny_base)
     sizes = {}
-    for method in ("topk", "random", "dataless"):
+    for method in ("topk", "random", "topk-rms"):
         result = localize(tiny_base, ft, SPEC, config=LocalizeConfig(method=method, sparsity=0.01))
         sizes[method] = result.size
         assert mask_size(result.mask) == result.size == result.k == int(0.01 * result.eligible_size)
@@ -292,3 +292,20 @@ def test_scale_free_step_moves_the_ranked_entry_by_max_step(tiny_base: BaseModel
     assert float(ranked[0]) == pytest.approx(2.5, rel=1e-5)
     assert float(ranked[rank - 1]) == pytest.approx(2.5, rel=1e-5)
     assert float(ranked[rank]) < 2.5
+
+
+def test_default_settings_move_the_learned_mask_away_from_topk(fresh_tiny: BaseModel) -> None:
+    """LocalizeConfig's defaults (shared by the CLI, the jobs and the benchmarks) must really learn: on the planted
+    task the learned mask leaves top-k (which holds only the decoy) and scores at least as well."""
+    base = fresh_tiny
+    ft, planted, examples = planted_task(base)
+    train, dev = examples[:16], examples[16:]
+    eligible = sum(base.parameters[n].numel() for n in EligibleRule().select(base.parameters))
+    sparsity = (16 * base.hidden_size + 0.5) / eligible
+    learned = localize(base, ft, SPEC, train, dev, LocalizeConfig(sparsity=sparsity))
+    topk = localize(base, ft, SPEC, config=LocalizeConfig(method="topk", sparsity=sparsity))
+    assert entries(learned.mask) != entries(topk.mask)
+    assert entries(learned.mask) - entries(topk.mask) <= planted
+    scores = [h["score"] for h in learned.history if h.get("scored")]
+    assert learned.history[learned.best_step]["score"] >= learned.history[0]["score"]  # step 0 is top-k itself
+    assert max(scores) == 1.0 and learned.best_step > 0

@@ -11,6 +11,7 @@ from typing import Any
 from tqdm import tqdm
 
 from app.grafting.data import TaskData, resolve_task_data
+from app.grafting.heads import CLASSIFIER_HEADS
 from app.grafting.packaged_bases import DEFAULT_BASE
 
 
@@ -40,7 +41,7 @@ def add_head_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--mode", choices=["prompt", "classifier"], default="prompt")
     group.add_argument("--template", help="prompt template with {text}, optional {text_pair}, and {mask}")
     group.add_argument("--label-words", help="comma-separated label words, one per label, in label order")
-    group.add_argument("--classifier-kind", default=None, choices=["bert-pooler", "dense-tanh-out", "linear"])
+    group.add_argument("--classifier-kind", default=None, choices=sorted(CLASSIFIER_HEADS))
 
 
 def task_data_from(args: argparse.Namespace) -> TaskData:

@@ -17,6 +17,7 @@ from app.cli.overlap import add_task_source_options, resolve_patches
 from app.grafting.base import load_base
 from app.grafting.checkpoint import save_checkpoint
 from app.grafting.finetune import FinetuneConfig, finetune
+from app.grafting.heads import default_classifier_kind
 from app.grafting.patch import GraftPatch, grafted
 from app.grafting.stitch import member_patch, stitch
 
@@ -49,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
     base = load_base(args.base_model, args.device)
     data = task_data_from(args)
     words = args.label_words.split(",") if args.label_words else None
-    kind = args.classifier_kind or ("bert-pooler" if base.model_type == "bert" else "dense-tanh-out")
-    spec = data.head_spec(args.mode, args.template, words, kind)
+    kind = args.classifier_kind or default_classifier_kind(base.model_type)
+    spec = data.head_spec(args.mode, args.template, words, kind, family=base.family)
     config = FinetuneConfig(
         optimizer=args.optimizer,
         lr=args.lr,

@@ -20,8 +20,9 @@ from app.grafting.checkpoint import Checkpoint, head_spec_or_error, load_checkpo
 from app.grafting.data import TaskData
 from app.grafting.evaluate import Evaluator, mask_breakdown, mask_counts
 from app.grafting.heads import Example, HeadSpec
-from app.grafting.localize import METHODS, LocalizeConfig, localize
-from app.grafting.patch import atomic_write, build_patch, load_patch, save_patch, validate_patch
+from app.grafting.localize import METHODS, LocalizeConfig
+from app.grafting.patch import atomic_write, load_patch, save_patch, validate_for_base
+from app.grafting.pipeline import graft, split_for_evaluation
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -30,31 +31,39 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_data_options(parser)
     parser.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint folder, .safetensors or .zip")
     parser.add_argument("--task", help="task name stored in the patch (default: the dataset or checkpoint name)")
-    group = parser.add_argument_group("localization")
-    group.add_argument("--method", choices=METHODS, default="learned")
-    group.add_argument("--sparsity", type=float, default=1e-4, help="k = sparsity·|E| (γ_base, or the mask size)")
+    group = parser.add_argument_group("localization (defaults: LocalizeConfig's, shared with jobs and benchmarks)")
+    defaults = LocalizeConfig()
+    group.add_argument("--method", choices=METHODS, default=defaults.method)
     group.add_argument(
-        "--eligible", default="layers", help="eligible set: layers[,bias-only][,no-layernorm][,from-layer=N]"
+        "--sparsity", type=float, default=defaults.sparsity, help="k = sparsity·|E| (γ_base, or the mask size)"
     )
-    group.add_argument("--steps", type=int, default=10)
-    group.add_argument("--bias", type=float, default=10.0, help="b in σ(S − b)")
-    group.add_argument("--lr", type=float, default=1e7, help="η of the plain gradient step on S")
-    group.add_argument("--max-step", type=float, default=None, help="scale-free step: largest |ΔS| per step")
     group.add_argument(
-        "--step-rank", type=int, default=1, help="with --max-step: the rank of |∂S| that sets the scale (0: k)"
+        "--eligible", default=defaults.eligible, help="eligible set: layers[,bias-only][,no-layernorm][,from-layer=N]"
     )
-    group.add_argument("--examples-per-step", type=int, default=1024)
-    group.add_argument("--micro-batch", type=int, default=32)
+    group.add_argument("--steps", type=int, default=defaults.steps)
+    group.add_argument("--bias", type=float, default=defaults.bias, help="b in σ(S − b)")
+    group.add_argument(
+        "--max-step",
+        type=float,
+        default=defaults.max_step,
+        help="scale-free step: |ΔS| of the --step-rank-th largest entry (0: plain step with --lr)",
+    )
+    group.add_argument("--lr", type=float, default=defaults.lr, help="η of the plain gradient step (--max-step 0)")
+    group.add_argument("--step-rank", type=int, default=None, help="rank of |∂S| that sets the step (default: k)")
+    group.add_argument("--examples-per-step", type=int, default=defaults.examples_per_step)
+    group.add_argument("--micro-batch", type=int, default=defaults.micro_batch)
     group.add_argument(
         "--budget", type=float, default=None, help="hard cap on the mask size: entries (>= 1) or a fraction of |E|"
     )
-    group.add_argument("--l1", type=float, default=0.0, help="L1 penalty on the soft mask size Σγ(S)")
-    group.add_argument("--score-every", type=int, default=1, help="score the rounded mask every N steps")
-    group.add_argument("--max-length", type=int, default=128)
+    group.add_argument("--l1", type=float, default=defaults.l1, help="L1 penalty on the soft mask size Σγ(S)")
+    group.add_argument("--score-every", type=int, default=defaults.score_every, help="score every N steps")
+    group.add_argument("--max-length", type=int, default=defaults.max_length)
     parser.add_argument("--out", required=True, help="patch file to write (.safetensors)")
     parser.add_argument("--report", help="JSON report path (default: the patch path with .json)")
-    parser.add_argument("--no-evaluate", action="store_true", help="skip scoring the patch on the test examples")
-    parser.add_argument("--eval-limit", type=int, default=None, help="score on a seeded sample of N test examples")
+    parser.add_argument(
+        "--no-evaluate", action="store_true", help="skip scoring the patch (test set, else a held-out share)"
+    )
+    parser.add_argument("--eval-limit", type=int, default=None, help="score on a seeded sample of N examples")
     parser.set_defaults(run=run_localize)
 
     ev = commands.add_parser("evaluate", help="score a patch against its checkpoint on test data")
@@ -75,11 +84,6 @@ def _load(args: argparse.Namespace) -> tuple[BaseModel, Checkpoint, HeadSpec, Ta
     if tuple(data.labels) != tuple(spec.labels) and len(data.labels) != spec.num_labels:
         raise ValueError(f"the data has labels {list(data.labels)}, the checkpoint {list(spec.labels)}")
     return base, checkpoint, spec, data
-
-
-def _head_seed(checkpoint: Checkpoint) -> int:
-    """The seed the fine-tune drew its head with (0 when the checkpoint does not say)."""
-    return int((checkpoint.skillgraft.get("training") or {}).get("seed", 0))
 
 
 def _limit(examples: list[Example], limit: int | None) -> list[Example]:
@@ -111,8 +115,8 @@ def run_localize(args: argparse.Namespace) -> int:
         steps=args.steps,
         bias=args.bias,
         lr=args.lr,
-        max_step=args.max_step,
-        step_rank=args.step_rank or max(1, math.floor(args.sparsity * eligible)),
+        max_step=args.max_step or None,
+        step_rank=args.step_rank,
         examples_per_step=args.examples_per_step,
         micro_batch=args.micro_batch,
         budget=_budget(args.budget, eligible),
@@ -121,12 +125,17 @@ def run_localize(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         seed=args.seed,
     )
+    splits = split_for_evaluation(data.train, data.dev, data.test, args.seed)
+    splits.evaluation = _limit(splits.evaluation, args.eval_limit)
+    task = args.task or args.dataset or Path(args.checkpoint).stem
     bar = ProgressBar(f"localize ({args.method})")
     try:
-        result = localize(base, checkpoint.body, spec, data.train, data.dev, config, checkpoint.head, progress=bar)
+        outcome = graft(
+            base, checkpoint, spec, splits, config, task=task, progress=bar, evaluate=not args.no_evaluate
+        )
     finally:
         bar.close()
-    task = args.task or args.dataset or Path(args.checkpoint).stem
+    result = outcome.localized
     report: dict[str, Any] = {
         "task": task,
         "checkpoint": str(args.checkpoint),
@@ -136,37 +145,20 @@ def run_localize(args: argparse.Namespace) -> int:
         "mask": mask_breakdown(mask_counts(result.mask)),
         "history": result.history,
     }
-    patch = build_patch(
-        base.parameters,
-        checkpoint.body,
-        result.mask,
-        task=task,
-        spec=spec,
-        base_fingerprint=base.fingerprint,
-        head=checkpoint.head,
-        eligible_rule=str(rule),
-        eligible_size=result.eligible_size,
-        method=result.method,
-        source_checkpoint_sha256=checkpoint.sha256,
-        metrics={"train_dev_score": result.history[result.best_step]["score"]} if result.history else {},
-        extra={"localize": config.to_json(), "best_step": result.best_step},
-    )
-    if not args.no_evaluate and data.test:
-        test = _limit(data.test, args.eval_limit)
-        evaluator = Evaluator(base, spec, checkpoint.body, test, checkpoint.head, head_seed=_head_seed(checkpoint))
-        report["evaluation"] = evaluator.report(patch)
-        patch.metrics.update(
-            {key: report["evaluation"][key] for key in ("acc_pre", "acc_ft", "acc_graft", "relative_gain")}
-        )
-    out = save_patch(patch, args.out)
+    if outcome.report:
+        report["evaluation"] = outcome.report
+    out = save_patch(outcome.patch, args.out)
     report["patch"] = str(out)
     report_path = Path(args.report) if args.report else out.with_suffix(".json")
     _write_json(report_path, report)
+    evaluation = report.get("evaluation") or {}
     print_json(
         {key: report[key] for key in ("patch", "method", "mask_size", "sparsity", "best_step")}
         | {
             "report": str(report_path),
-            **{k: v for k, v in (report.get("evaluation") or {}).items() if k.startswith(("acc_", "relative"))},
+            "evaluated_on": evaluation.get("evaluated_on"),
+            "evaluation_examples": evaluation.get("examples"),
+            **{k: v for k, v in evaluation.items() if k.startswith(("acc_", "relative"))},
         }
     )
     return 0
@@ -174,12 +166,11 @@ def run_localize(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     base, checkpoint, spec, data = _load(args)
-    patch = load_patch(args.patch)
-    validate_patch(patch, base.parameters, base.fingerprint, base.hidden_size)
+    patch = validate_for_base(load_patch(args.patch), base)
     if patch.spec != spec:
         raise ValueError("the patch's head spec differs from the checkpoint's: not made from this checkpoint")
     test = _limit(data.test, args.limit)
-    evaluator = Evaluator(base, spec, checkpoint.body, test, checkpoint.head, head_seed=_head_seed(checkpoint))
+    evaluator = Evaluator(base, spec, checkpoint.body, test, checkpoint.head, head_seed=checkpoint.head_seed)
     report = {"patch": str(args.patch), "checkpoint": str(args.checkpoint), **evaluator.report(patch)}
     if args.out:
         _write_json(Path(args.out), report)

@@ -19,14 +19,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from app.grafting.base import BaseModel, normalize_state_dict
+from app.grafting.base import BaseModel, EligibleRule, fingerprint_parameters, normalize_state_dict
 from app.grafting.bounded_json import BoundedJSONError, loads_bounded
 from app.grafting.heads import (
+    CLASSIFIER_HEADS,
     CLASSIFIER_TENSORS,
     HeadError,
     HeadSpec,
     default_classifier_kind,
     detect_classifier_kind,
+    family_of,
 )
 from app.grafting.patch import atomic_write, sha256_file
 from app.grafting.patch_metadata import PatchMetadataError, head_spec_from_json
@@ -52,6 +54,16 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used with this base; the message names the problem."""
 
 
+class CheckpointBaseMismatch(CheckpointError):
+    """A well-formed checkpoint fine-tuned from another base: localizing it against this one would graft the
+    difference between two pretrained models, not a skill."""
+
+
+# Frozen tensors (outside the eligible set, e.g. embeddings) of a checkpoint fine-tuned from this base stay within
+# this relative distance of the base's; another pretrained model's are of the order of 1.
+FROZEN_DRIFT_LIMIT = 0.05
+
+
 @dataclass
 class Checkpoint:
     """Fine-tuned tensors under bare names, split into what the base has (``body``) and what it lacks (``head``)."""
@@ -64,6 +76,20 @@ class Checkpoint:
     @property
     def skillgraft(self) -> dict[str, Any]:
         return dict(self.config.get("skillgraft") or {})
+
+    @property
+    def head_seed(self) -> int:
+        """The seed fine-tuning drew its classifier head with (0 when the checkpoint does not say): scoring
+        "pretrained body + the head fine-tuning started from" needs the same draw."""
+        training = self.skillgraft.get("training")
+        seed = training.get("seed", 0) if isinstance(training, dict) else 0
+        return seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
+
+    def head_tensors(self, spec: HeadSpec) -> dict[str, torch.Tensor]:
+        """The head tensors ``spec``'s classifier kind uses (what a patch carries densely); none in prompt mode."""
+        if spec.mode == "prompt" or spec.classifier_kind is None:
+            return {}
+        return {name: self.head[name] for name in CLASSIFIER_HEADS[spec.classifier_kind].tensor_names}
 
     def head_spec(self, model_type: str) -> HeadSpec | None:
         """The head spec this checkpoint declares (our own ``skillgraft`` config block, or transformers' labels)."""
@@ -205,7 +231,37 @@ def split_for_base(checkpoint: Checkpoint, base: BaseModel) -> Checkpoint:
     for name, tensor in {**body, **head}.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CheckpointError(f"checkpoint tensor {name!r} holds NaN or Inf values")
-    return Checkpoint(body=body, head=head, config=checkpoint.config, sha256=checkpoint.sha256)
+    split = Checkpoint(body=body, head=head, config=checkpoint.config, sha256=checkpoint.sha256)
+    check_same_base(split, base)
+    return split
+
+
+def check_same_base(checkpoint: Checkpoint, base: BaseModel) -> None:
+    """Refuse a checkpoint fine-tuned from another base: by its declared base fingerprint when it has one (ours
+    do), else by its frozen tensors (those outside the eligible set), which a fine-tune leaves (nearly) alone."""
+    declared = checkpoint.skillgraft.get("base_fingerprint")
+    if isinstance(declared, str) and declared:
+        if declared != base.fingerprint:
+            raise CheckpointBaseMismatch(
+                f"checkpoint was fine-tuned from base {declared[:23]}…, this server runs {base.fingerprint[:23]}…"
+            )
+        return
+    rule = EligibleRule()
+    params = base.parameters
+    for name, tensor in checkpoint.body.items():
+        if rule.admits(name) or not tensor.is_floating_point():
+            continue
+        reference = params[name].detach().to(tensor.device, torch.float64)
+        drift = float(torch.linalg.vector_norm(tensor.double() - reference))
+        scale = float(torch.linalg.vector_norm(reference)) or 1.0
+        if drift / scale > FROZEN_DRIFT_LIMIT:
+            frozen = [n for n in checkpoint.body if not rule.admits(n)]
+            theirs = fingerprint_parameters({n: checkpoint.body[n] for n in frozen})
+            ours = fingerprint_parameters({n: params[n] for n in frozen})
+            raise CheckpointBaseMismatch(
+                f"checkpoint's {name!r} differs from the base's by {drift / scale:.2f} of its norm: it was not "
+                f"fine-tuned from this base (frozen tensors {theirs[:23]}… vs the base's {ours[:23]}…)"
+            )
 
 
 def save_checkpoint(
@@ -224,7 +280,8 @@ def save_checkpoint(
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     config = json.loads((base.path / "config.json").read_text())
-    prefix = _prefix_for(base.model_type) if spec.mode == "classifier" else ""
+    # decoders keep the *ForCausalLM layout in both modes, so the folder loads as the LM it is
+    prefix = _prefix_for(base.model_type) if spec.mode == "classifier" or base.family == "decoder" else ""
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in body.items():
         tensors[prefix + name] = tensor.detach().to("cpu").contiguous()
@@ -246,6 +303,9 @@ def save_checkpoint(
 
 
 def _prefix_for(model_type: str) -> str:
+    """Key prefix of the body in transformers' task classes (decoders: ``model.`` as in *ForCausalLM)."""
+    if family_of(model_type) == "decoder":
+        return "model."
     return {"bert": "bert.", "roberta": "roberta.", "xlm-roberta": "roberta.", "mpnet": "mpnet."}.get(model_type, "")
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.grafting.bounded_json import BoundedJSONError, loads_bounded
-from app.grafting.heads import Example, HeadSpec
+from app.grafting.heads import Example, Family, HeadSpec
 
 csv.field_size_limit(sys.maxsize)
 
@@ -51,14 +51,27 @@ class Dataset:
 class DatasetInfo:
     name: str
     labels: tuple[str, ...]
+    # encoder prompt (LM-BFF style, the label word fills {mask})
     template: str
     label_words: tuple[str, ...]
     loader: Callable[[Path], tuple[list[Example], list[Example] | None, list[Example]]]
     description: str
+    # decoder prompt: the label word is the next word after the template (its first BPE token, with a space)
+    decoder_template: str = ""
+    decoder_label_words: tuple[str, ...] = ()
 
-    def head_spec(self, mode: str = "prompt", classifier_kind: str | None = None) -> HeadSpec:
+    def prompt(self, family: Family = "encoder") -> tuple[str, tuple[str, ...]]:
+        """(template, label words) for a base family."""
+        if family == "decoder":
+            return self.decoder_template, self.decoder_label_words
+        return self.template, self.label_words
+
+    def head_spec(
+        self, mode: str = "prompt", classifier_kind: str | None = None, family: Family = "encoder"
+    ) -> HeadSpec:
         if mode == "prompt":
-            return HeadSpec("prompt", self.labels, self.template, self.label_words)
+            template, words = self.prompt(family)
+            return HeadSpec("prompt", self.labels, template, words)
         return HeadSpec("classifier", self.labels, classifier_kind=classifier_kind)  # type: ignore[arg-type]
 
 
@@ -160,6 +173,9 @@ def _rte(root: Path) -> tuple:
 
 
 SENTIMENT_TEMPLATE = "{text} It was {mask} ."
+DECODER_SENTIMENT = ("Review: {text}\nSentiment:", ("negative", "positive"))
+
+
 REGISTRY: dict[str, DatasetInfo] = {}
 
 
@@ -175,6 +191,7 @@ _register(
         ("terrible", "great"),
         _stsa("stsa.binary"),
         "SST-2 sentences (6,920 / 872 / 1,821)",
+        *DECODER_SENTIMENT,
     )
 )
 _register(
@@ -185,6 +202,7 @@ _register(
         ("terrible", "great"),
         _sst2_phrases,
         "GLUE SST-2 phrase-level train (67,349), dev 872, test 1,821",
+        *DECODER_SENTIMENT,
     )
 )
 _register(
@@ -195,6 +213,7 @@ _register(
         ("terrible", "bad", "okay", "good", "great"),
         _stsa("stsa.fine"),
         "SST-5 sentences (8,544 / 1,101 / 2,210)",
+        *("Review: {text}\nRating:", ("terrible", "bad", "okay", "good", "great")),
     )
 )
 _register(
@@ -205,6 +224,7 @@ _register(
         ("terrible", "great"),
         _label_first_all("rt-polarity.all", "latin-1"),
         "movie reviews, seeded 2,000 test split",
+        *DECODER_SENTIMENT,
     )
 )
 _register(
@@ -215,6 +235,7 @@ _register(
         ("terrible", "great"),
         _label_first_all("custrev.all"),
         "customer reviews, seeded 2,000 test split",
+        *DECODER_SENTIMENT,
     )
 )
 _register(
@@ -225,6 +246,7 @@ _register(
         ("terrible", "great"),
         _label_first_all("mpqa.all"),
         "opinion polarity, seeded 2,000 test split",
+        *DECODER_SENTIMENT,
     )
 )
 _register(
@@ -235,6 +257,7 @@ _register(
         ("subjective", "objective"),
         _label_first_all("subj.all", "latin-1"),
         "subjectivity, seeded 2,000 test split",
+        *("Text: {text}\nIs this a subjective opinion or an objective fact? Answer:", ("subjective", "objective")),
     )
 )
 _register(
@@ -245,6 +268,7 @@ _register(
         ("description", "entity", "expression", "human", "location", "number"),
         _trec,
         "TREC-6 question types (5,452 / 500)",
+        *("Question: {text}\nThe answer is a", ("description", "thing", "abbreviation", "person", "place", "number")),
     )
 )
 _register(
@@ -255,6 +279,7 @@ _register(
         ("world", "sports", "business", "tech"),
         _agnews,
         "AG News (10,001-row pool / 7,600 test)",
+        *("Article: {text}\nTopic:", ("world", "sports", "business", "technology")),
     )
 )
 _register(
@@ -265,6 +290,7 @@ _register(
         ("yes", "no"),
         _rte,
         "GLUE RTE sentence pairs (2,490 / 277)",
+        *("{text}\nQuestion: {text_pair} True or false?\nAnswer:", ("true", "false")),
     )
 )
 for _domain in ("books", "dvd", "electronics", "kitchen"):
@@ -276,6 +302,7 @@ for _domain in ("books", "dvd", "electronics", "kitchen"):
             ("terrible", "great"),
             _amazon(_domain),
             f"Amazon {_domain} reviews (1,700 / 300 / 2,000)",
+            *DECODER_SENTIMENT,
         )
     )
 
@@ -395,11 +422,13 @@ class TaskData:
         template: str | None = None,
         label_words: Sequence[str] | None = None,
         classifier_kind: str | None = None,
+        family: Family = "encoder",
     ) -> HeadSpec:
-        """The dataset's default prompt (overridable), or a classifier head over the labels."""
+        """The dataset's default prompt for the base family (overridable), or a classifier head over the labels."""
         if mode == "prompt":
-            template = template or (self.info.template if self.info else None)
-            words = tuple(label_words) if label_words else (self.info.label_words if self.info else None)
+            default_template, default_words = self.info.prompt(family) if self.info else (None, None)
+            template = template or default_template
+            words = tuple(label_words) if label_words else default_words
             return HeadSpec("prompt", self.labels, template, words)
         return HeadSpec("classifier", self.labels, classifier_kind=classifier_kind)  # type: ignore[arg-type]
 
@@ -434,5 +463,6 @@ def resolve_task_data(
         random.Random(seed).shuffle(shuffled)
         cut = max(1, len(shuffled) // 10) if len(shuffled) > 1 else 0
         dev, train = shuffled[:cut], shuffled[cut:]
-    test = read_user_data(test_file, labels)[0] if test_file is not None else list(dev)
+    # no test file: the graft pipeline holds out a share of train (or labels its figures as selection-set ones)
+    test = read_user_data(test_file, labels)[0] if test_file is not None else []
     return TaskData(labels, train, dev, test)

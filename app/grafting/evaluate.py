@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from app.grafting.base import BaseModel, layer_of, module_type_of
-from app.grafting.heads import Example, HeadSpec, TaskModel, Tokenization, init_classifier_head
+from app.grafting.heads import Example, HeadSpec, TaskModel, Tokenization, default_classifier_kind, init_classifier_head
 from app.grafting.inference import predict_logits
 from app.grafting.patch import GraftPatch, grafted
 
@@ -49,10 +49,14 @@ def expected_calibration_error(
     return total
 
 
+NO_GAIN_NOTE = "fine-tuning did not improve on the pretrained model here, so the relative gain is undefined"
+
+
 def relative_gain(acc_graft: float, acc_pre: float, acc_ft: float) -> float | None:
-    """(acc_graft − acc_pre)/(acc_ft − acc_pre); None when fine-tuning gained nothing to share."""
+    """(acc_graft − acc_pre)/(acc_ft − acc_pre); None when fine-tuning gained nothing to share (acc_ft ≤ acc_pre:
+    the ratio would be meaningless, e.g. 0.96 for a graft worse than the pretrained model)."""
     gap = acc_ft - acc_pre
-    if abs(gap) < 1e-12:
+    if gap <= 1e-12:
         return None
     return (acc_graft - acc_pre) / gap
 
@@ -143,7 +147,11 @@ class Evaluator:
         if classifier and pre_head is None:
             # the head fine-tuning started from: the base's pooler where it has one, the rest re-drawn by seed
             pre_head = init_classifier_head(
-                spec.classifier_kind or "bert-pooler", spec.num_labels, base.hidden_size, base.extra_weights, head_seed
+                spec.classifier_kind or default_classifier_kind(base.model_type),
+                spec.num_labels,
+                base.hidden_size,
+                base.extra_weights,
+                head_seed,
             )
         self.pre_logits = self._logits(dict(pre_head) if classifier and pre_head else None)
         with swapped_weights(base.parameters, ft_body):
@@ -176,9 +184,10 @@ class Evaluator:
         with grafted(self.base.parameters, patch):
             return self._logits(patch.head or None)
 
-    def report(self, patch: GraftPatch) -> dict[str, Any]:
-        """Accuracies, ratio, relative gain(s), agreement, ECE and the mask's layout for one patch."""
-        logits = self.graft_logits(patch)
+    def report(self, patch: GraftPatch, logits: torch.Tensor | None = None) -> dict[str, Any]:
+        """Accuracies, ratio, relative gain(s), agreement, ECE and the mask's layout for one patch (``logits``:
+        the graft's, if the caller already has them)."""
+        logits = self.graft_logits(patch) if logits is None else logits
         graft = _summary(logits, self.labels)
         ref = self.reference()
         acc_ft = ref["acc_ft"]
@@ -195,6 +204,8 @@ class Evaluator:
                 "sparsity": patch.sparsity,
             },
         }
+        if out["relative_gain"] is None:
+            out["relative_gain_note"] = NO_GAIN_NOTE
         if "acc_body_head" in ref:
             out["gap_closed_from_body_head"] = relative_gain(graft["accuracy"], ref["acc_body_head"], acc_ft)
         return out

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 
 from app.grafting.base import BaseModel, EligibleRule
-from app.grafting.heads import Example, HeadSpec, TaskModel, Tokenization, init_classifier_head
+from app.grafting.heads import Example, HeadSpec, TaskModel, Tokenization, default_classifier_kind, init_classifier_head
 from app.grafting.inference import accuracy, predict_logits
 
 
@@ -86,7 +86,11 @@ def finetune(
         param.requires_grad_(name in set(trainable_names))
     head_init = (
         init_classifier_head(
-            spec.classifier_kind or "bert-pooler", spec.num_labels, base.hidden_size, base.extra_weights, config.seed
+            spec.classifier_kind or default_classifier_kind(base.model_type),
+            spec.num_labels,
+            base.hidden_size,
+            base.extra_weights,
+            config.seed,
         )
         if spec.mode == "classifier"
         else None

@@ -2,16 +2,18 @@
 
 Methods (all return a mask counted against |E|):
 
-* ``learned``: the paper's algorithm (PAPER.md, "The paper's algorithm"). γ_base = exactly k global top-|δ|
+* ``learned``: the paper's algorithm (docs/method.md, "The learned mask"). γ_base = exactly k global top-|δ|
   entries; scores S ~ U[0,1); soft mask γ(S) = γ_base + (1 − 2γ_base)·σ(S − b); T closed-form gradient steps on S;
   after every (``score_every``-th) step the mask rounded at 0.5 is scored on train + dev and the best one kept.
   Additions: a hard size cap (``budget``), an optional L1 penalty on the soft mask's size (as in
-  Localize-and-Stitch), and a scale-free step (``max_step``: the update is rescaled so that its largest entry
-  moves S by exactly that much, because η = 1e7 only works for the gradient scale of the paper's model).
+  Localize-and-Stitch), and a scale-free step (``max_step``, the default: the update is rescaled so that its k-th
+  largest entry moves S by that much, because η = 1e7 only works for the gradient scale of the paper's model).
+  ``LocalizeConfig``'s defaults are the one set of settings the CLI, the jobs and the benchmarks share.
 * ``topk``: γ_base alone (the k entries that moved most).
 * ``random``: k entries drawn uniformly from E (seeded).
-* ``dataless``: k entries ranked by |δ| relative to their own tensor's RMS movement, so that small tensors
-  (biases, LayerNorms) whose scale differs from the dense matrices compete on equal terms. Uses no data.
+* ``topk-rms``: k entries ranked by |δ| divided by their own tensor's RMS movement, so that small tensors
+  (biases, norms) whose scale differs from the dense matrices compete on equal terms. Uses no data. (Not the
+  data-free method of Localize-and-Stitch, which is plain ``topk``.)
 
 Cost policy: the base encoder is grafted in place (one model instance, eligible tensors only, found by name in one
 pass) and θ_pre is written back bit-identically at the end, even on error or cancellation. Beside the model and
@@ -34,8 +36,8 @@ from app.grafting.base import BaseModel, EligibleRule
 from app.grafting.heads import Batch, Encoded, Example, HeadSpec, TaskModel, Tokenization
 from app.grafting.inference import length_sorted_batches
 
-Method = Literal["learned", "topk", "random", "dataless"]
-METHODS: tuple[str, ...] = ("learned", "topk", "random", "dataless")
+Method = Literal["learned", "topk", "random", "topk-rms"]
+METHODS: tuple[str, ...] = ("learned", "topk", "random", "topk-rms")
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 StopCheck = Callable[[], bool]
@@ -53,12 +55,15 @@ class LocalizeConfig:
     eligible: str = "layers"
     steps: int = 10
     bias: float = 10.0
+    # plain step S ← S − lr·g, used only when ``max_step`` is None (the paper's η = 1e7 suits its model's
+    # gradient scale, not every base's)
     lr: float = 1e7
-    # scale-free step: when set, each update is rescaled so that max |ΔS| equals this (``lr`` is then unused)
-    max_step: float | None = None
-    # with max_step: the entry of this rank (1 = the largest) sets the scale and larger ones are clipped to
-    # ±max_step, so a heavy-tailed gradient does not leave all but a handful of entries standing still
-    step_rank: int = 1
+    # scale-free step (the default): each update is rescaled so that the entry of rank ``step_rank`` moves S by
+    # ``max_step`` and larger ones are clipped to ±max_step. With S ~ U[0,1) and b = 10, the k entries with the
+    # strongest gradient can flip after about 3–4 steps, so 10 steps really move the mask away from top-k
+    max_step: float | None = 3.0
+    # None: k (the size of γ_base); 1 would move only the single largest-gradient entry a full step
+    step_rank: int | None = None
     examples_per_step: int = 1024
     micro_batch: int = 32
     # hard cap on the final mask size in entries (None: no cap beyond what rounding gives)
@@ -81,7 +86,7 @@ class LocalizeConfig:
             raise ValueError("score_every must be positive")
         if self.lr <= 0 or (self.max_step is not None and self.max_step <= 0):
             raise ValueError("lr and max_step must be positive")
-        if self.step_rank < 1:
+        if self.step_rank is not None and self.step_rank < 1:
             raise ValueError("step_rank must be >= 1")
         if self.budget is not None and self.budget < 0:
             raise ValueError("budget must be >= 0")
@@ -192,15 +197,15 @@ def data_free_mask(
     k: int,
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """The masks that need no examples: ``topk`` (global |δ|), ``random`` and ``dataless`` (|δ| / tensor RMS)."""
+    """The masks that need no examples: ``topk`` (global |δ|), ``random`` and ``topk-rms`` (|δ| / tensor RMS)."""
     if method == "random":
         return random_k_mask({n: pre[n].shape for n in names}, k, seed)
-    if method not in ("topk", "dataless"):
+    if method not in ("topk", "topk-rms"):
         raise ValueError(f"{method!r} is not a data-free method")
 
     def movement(name: str) -> torch.Tensor:
         delta = (ft[name].to(pre[name].device, pre[name].dtype) - pre[name]).abs()
-        if method == "dataless":
+        if method == "topk-rms":
             rms = delta.float().pow(2).mean().sqrt()
             delta = delta / rms if float(rms) > 0 else delta
         return delta
@@ -213,14 +218,18 @@ def data_free_mask(
 
 
 def _rank_magnitude(values: Mapping[str, torch.Tensor], rank: int) -> float:
-    """The ``rank``-th largest |value| over all tensors: exact, from each tensor's own top-``rank`` candidates."""
+    """The ``rank``-th largest |value| over all tensors, counting non-zero values only (the smallest non-zero one
+    when there are fewer): exact, from each tensor's own top-``rank`` candidates. Entries whose δ is 0 have a
+    zero gradient; letting them set the scale would stop every entry."""
     candidates = [
         torch.topk(v.abs().reshape(-1), min(rank, v.numel()), sorted=False).values for v in values.values() if v.numel()
     ]
     if not candidates:
         return 0.0
     joined = torch.cat(candidates)
-    return float(torch.topk(joined, min(rank, joined.numel())).values[-1])
+    top = torch.topk(joined, min(rank, joined.numel())).values
+    nonzero = top[top > 0]
+    return float(nonzero[-1]) if nonzero.numel() else 0.0
 
 
 def soft_mask(scores: torch.Tensor, base_mask: torch.Tensor, bias: float) -> torch.Tensor:
@@ -291,6 +300,7 @@ class MaskLearner:
         self.ft = {n: ft[n].to(self.params[n].device, self.params[n].dtype) for n in self.names}
         self.eligible_size = sum(p.numel() for p in self.params.values())
         self.k = math.floor(config.sparsity * self.eligible_size)
+        self.step_rank = config.step_rank if config.step_rank is not None else max(1, self.k)
         self.model = TaskModel(base.encoder, spec, base.tokenizer, dict(head) if head else None)
         self.model.eval()  # no dropout: the S-gradient and the scores are deterministic
         self.tokenization = Tokenization(base.tokenizer, spec, config.max_length, base.family)
@@ -386,10 +396,10 @@ class MaskLearner:
     @torch.no_grad()
     def apply_update(self, gradient: Mapping[str, torch.Tensor]) -> float:
         """S ← S − η·g; or with ``max_step`` set, S ← S − clip(max_step·g / |g|_(r), ±max_step), where |g|_(r) is
-        the ``step_rank``-th largest |g| over E (r = 1: plain max-normalisation). Returns the largest |ΔS|."""
+        the ``step_rank``-th largest |g| over E (default r = k). Returns the largest |ΔS|."""
         clip = None
         if self.config.max_step is not None:
-            reference = _rank_magnitude(gradient, self.config.step_rank)
+            reference = _rank_magnitude(gradient, self.step_rank)
             scale = self.config.max_step / reference if reference > 0 else 0.0
             clip = self.config.max_step
         else:

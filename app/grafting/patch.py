@@ -29,7 +29,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save, save_file
 
-from app.grafting.heads import HeadError, HeadSpec, validate_head_tensors
+from app.grafting.base import BaseModel
+from app.grafting.heads import Example, HeadError, HeadSpec, Tokenization, label_word_ids, validate_head_tensors
 from app.grafting.patch_metadata import PatchMetadataError, parse_patch_metadata
 
 PATCH_FORMAT_VERSION = 1
@@ -264,7 +265,8 @@ def load_patch(path: str | Path) -> GraftPatch:
 def validate_patch(
     patch: GraftPatch, parameters: Mapping[str, torch.Tensor], fingerprint: str, hidden_size: int
 ) -> None:
-    """Check a parsed patch against a live base: fingerprint, parameter names, index ranges, dtypes, head shapes."""
+    """Check a parsed patch against a base's tensors: fingerprint, parameter names, index ranges, dtypes, head
+    shapes. ``validate_for_base`` adds the checks that need the tokenizer; prefer it where a base is at hand."""
     if patch.base_fingerprint != fingerprint:
         raise BaseMismatchError(
             f"patch was made for base {patch.base_fingerprint[:23]}…, this server runs {fingerprint[:23]}…"
@@ -281,6 +283,22 @@ def validate_patch(
         validate_head_tensors(patch.spec, patch.head, hidden_size)
     except HeadError as exc:
         raise PatchError(str(exc)) from exc
+
+
+def validate_for_base(patch: GraftPatch, base: BaseModel, max_length: int = 128) -> GraftPatch:
+    """Everything a patch must pass before it is stored, served, stitched or evaluated on ``base``: the tensor
+    checks of ``validate_patch``, label words the base's vocabulary can score, and a head that can tokenize a
+    short input within ``max_length`` tokens (a template longer than that would fail every request).
+    Raises ``BaseMismatchError`` or ``PatchError``; returns the patch for chaining."""
+    validate_patch(patch, base.parameters, base.fingerprint, base.hidden_size)
+    try:
+        tokenization = Tokenization(base.tokenizer, patch.spec, max_length, base.family)
+        tokenization.encode(Example("a", 0, "a"))
+        if patch.spec.mode == "prompt":
+            label_word_ids(base.tokenizer, patch.spec.label_words or (), base.family)
+    except HeadError as exc:
+        raise PatchError(str(exc)) from exc
+    return patch
 
 
 @dataclass
