@@ -1,4 +1,9 @@
-"""Job submission and lookup below HTTP: the API routes and the CLI call these, never the runners directly."""
+"""Job submission and lookup below HTTP: the API routes and the CLI call these, never the runners directly.
+
+Every job kind enters through one door, ``JobService.enqueue``: reuse of an identical job, the name check and claim,
+the queued-job limit over all kinds, the record, the runner, and a clean ``QueueUnavailable`` when Redis is down.
+``JobService.submit`` (uploads to localize) and ``StitchService.submit`` only build the request.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -64,8 +70,27 @@ class Staging:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def _nothing() -> None:
+    """A request hook with nothing to do."""
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """One job to queue, as each job kind hands it to ``JobService.enqueue``."""
+
+    record: JobRecord
+    # raises TaskExists while the record's name is taken: run before ``validate`` (fail fast) and again under the
+    # name claim (the check that counts)
+    check_name: Callable[[], None]
+    # the costly checks of the job's inputs (an upload's checkpoint and data), outside the claim
+    validate: Callable[[], None] = _nothing
+    # moves the job's inputs to where its runner reads them, under the claim, just before the record is stored
+    place_inputs: Callable[[], None] = _nothing
+
+
 class JobService:
-    """Validates uploads with the serving base (read only), stores job records, hands jobs to the runner."""
+    """The job door: validates uploads with the serving base (read only), queues jobs of every kind through
+    ``enqueue`` (records in the job store, ids to the runner), looks jobs up and cancels them."""
 
     def __init__(
         self, settings: Settings, base: BaseModel, tasks: LocalTaskStore, jobs: JobStore, runner: JobRunner
@@ -106,10 +131,18 @@ class JobService:
             staging.hashes.get(dev_name) if dev_name else None,
             spec,
         )
-        existing = self._jobs_call(self.jobs.get, job_id)
-        if existing is not None and existing.state not in (JobState.failed, JobState.cancelled):
-            return existing, False
-        self._check_name_free(spec)
+        request = JobRequest(
+            JobRecord(id=job_id, task=spec.task, spec=spec),
+            check_name=lambda: self._check_name_free(spec),
+            validate=lambda: self._validate_upload(staging, spec),
+            place_inputs=lambda: self._place_upload(staging, job_id),
+        )
+        record, created = self.enqueue(request)
+        if created:
+            sweep_failed_uploads(self._sweeper_context())
+        return record, created
+
+    def _validate_upload(self, staging: Staging, spec: TaskSpec) -> None:
         (staging.folder / "spec.json").write_text(spec.model_dump_json())
         try:
             limits = UploadLimits.from_settings(self.settings)
@@ -118,44 +151,64 @@ class JobService:
             error = UnsupportedUpload if "pickle" in exc.message else InvalidUpload
             raise error(exc.field, exc.message) from exc
         shutil.rmtree(staging.folder / "extracted", ignore_errors=True)
-        record = JobRecord(id=job_id, task=spec.task, spec=spec)
-        # Check and create under one claim on the task name, so of two concurrent uploads for one name (on any
+
+    def _place_upload(self, staging: Staging, job_id: str) -> None:
+        target = self.uploads_dir / job_id
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging.folder, target)
+
+    def enqueue(self, request: JobRequest) -> tuple[JobRecord, bool]:
+        """Queue one job of any kind. Returns (record, created): an earlier job with the same id that has not
+        failed or been cancelled is returned instead of a new one. Raises TaskExists (name taken), Overloaded
+        (``max_queued_jobs`` jobs of any kind queued) or QueueUnavailable (the job store or queue is down)."""
+        record = request.record
+        existing = self._jobs_call(self.jobs.get, record.id)
+        if existing is not None and existing.state not in (JobState.failed, JobState.cancelled):
+            return existing, False
+        request.check_name()
+        request.validate()
+        # Check and create under one claim on the name, so of two concurrent submissions for one name (on any
         # replica) exactly one gets a job and the other a 409.
-        with self._name_claim(spec.task):
-            self._check_name_free(spec)
-            queued = len(self._jobs_call(self.jobs.list, JobState.queued, self.settings.max_queued_jobs + 1))
-            if queued >= self.settings.max_queued_jobs:
-                raise Overloaded(f"{queued} jobs are queued (max_queued_jobs={self.settings.max_queued_jobs})")
-            target = self.uploads_dir / job_id
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging.folder, target)
+        with self._name_claim(record.task):
+            request.check_name()
+            self._check_queue_room()
+            request.place_inputs()
             if existing is not None:
-                self._jobs_call(self.jobs.delete, job_id)
+                self._jobs_call(self.jobs.delete, record.id)
             self._jobs_call(self.jobs.create, record)
         try:
-            self.runner.submit(job_id)
+            self.runner.submit(record.id)
         except Exception as exc:
-            self._jobs_call(self.jobs.update, job_id, state=JobState.failed, error=f"could not queue: {exc}")
+            self._jobs_call(self.jobs.update, record.id, state=JobState.failed, error=f"could not queue: {exc}")
             raise QueueUnavailable(f"the job queue is unavailable: {exc}") from exc
-        sweep_failed_uploads(self._sweeper_context())
         return record, True
 
-    def _check_name_free(self, spec: TaskSpec) -> None:
+    def _check_queue_room(self) -> None:
+        limit = self.settings.max_queued_jobs
+        queued = len(self._jobs_call(self.jobs.list, JobState.queued, limit + 1))
+        if queued >= limit:
+            raise Overloaded(f"{queued} jobs are queued (max_queued_jobs={limit})")
+
+    def check_no_active_job(self, name: str) -> None:
+        """TaskExists while a queued or running job (of any kind) carries ``name``."""
         active = [
             record
             for state in (JobState.queued, JobState.running)
             for record in self._jobs_call(self.jobs.list, state, 10_000)
-            if record.task == spec.task
+            if record.task == name
         ]
         if active:
-            raise TaskExists(f"task {spec.task!r} already has a {active[0].state.value} job ({active[0].id})")
+            raise TaskExists(f"task {name!r} already has a {active[0].state.value} job ({active[0].id})")
+
+    def _check_name_free(self, spec: TaskSpec) -> None:
+        self.check_no_active_job(spec.task)
         if self.tasks.stat(spec.task) is not None and not spec.replace:
             raise TaskExists(f"task {spec.task!r} exists; submit with replace=true to replace it")
 
     @contextlib.contextmanager
     def _name_claim(self, task: str) -> Iterator[None]:
-        """Mutual exclusion per task name: a process lock, plus a short Redis lock when jobs live in Redis."""
+        """Mutual exclusion per job name: a process lock, plus a short Redis lock when jobs live in Redis."""
         with self._claims_lock:
             redis = getattr(self.jobs, "redis", None)
             if redis is None:
@@ -217,7 +270,7 @@ class JobService:
 
 
 class StitchService:
-    """Submits stitch jobs through a ``JobService``'s store and runner; reads finished stitched models."""
+    """Submits stitch jobs through the job door (``JobService.enqueue``); reads finished stitched models back."""
 
     def __init__(self, jobs: JobService) -> None:
         self.jobs = jobs
@@ -231,22 +284,13 @@ class StitchService:
             if stored is None:
                 raise TaskNotFound(f"task {task!r} not found")
             etags.append(stored.etag)
-        job_id = stitch_job_id(spec, etags)
-        existing = self.jobs.jobs.get(job_id)
-        if existing is not None and existing.state not in (JobState.failed, JobState.cancelled):
-            return existing, False
+        record = JobRecord(id=stitch_job_id(spec, etags), kind="stitch", task=spec.name, params=spec.model_dump())
+        return self.jobs.enqueue(JobRequest(record, check_name=lambda: self._check_name_free(spec)))
+
+    def _check_name_free(self, spec: StitchSpec) -> None:
+        self.jobs.check_no_active_job(spec.name)
         if self.models.exists(spec.name) and not spec.replace:
             raise TaskExists(f"stitched model {spec.name!r} exists; submit with replace=true to replace it")
-        record = JobRecord(id=job_id, kind="stitch", task=spec.name, params=spec.model_dump())
-        if existing is not None:
-            self.jobs.jobs.delete(job_id)
-        self.jobs.jobs.create(record)
-        try:
-            self.jobs.runner.submit(job_id)
-        except Exception as exc:
-            self.jobs.jobs.update(job_id, state=JobState.failed, error=f"could not queue: {exc}")
-            raise QueueUnavailable(f"the job queue is unavailable: {exc}") from exc
-        return record, True
 
 
 def connect_redis(url: str) -> Any:
