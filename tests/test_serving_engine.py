@@ -191,3 +191,30 @@ def test_base_weights_swap_and_restore_exactly_with_or_without_a_flat_buffer(dty
         assert float(module[0].weight.view(-1)[2]) == 9.0
         weights.restore(saved)
     assert all(torch.equal(p, before[name]) for name, p in module.named_parameters())
+
+
+def test_a_write_failing_part_way_leaves_the_base_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-tensor path (mixed dtypes) writes tensor by tensor: if the second write fails, the first is undone."""
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2).to(torch.float64))
+    module.requires_grad_(False)
+    before = {name: p.detach().clone() for name, p in module.named_parameters()}
+    weights = BaseWeights(module)
+    assert weights.flat is None
+    real_segments = weights._segments
+    calls: list[int] = []
+
+    def failing_segments(indices: torch.Tensor) -> list:
+        calls.append(len(calls))
+        segments = real_segments(indices)
+        if len(calls) == 2:  # apply reads the originals (call 1), then writes (call 2); restore is call 3
+            flat, local, where = segments[1]
+            segments[1] = (flat, local + 10_000, where)  # out of range: raises after segment 0 was written
+        return segments
+
+    indices = torch.tensor([1, weights.offsets["1.weight"] + 2], dtype=torch.int64)
+    values = torch.tensor([5.0, 6.0], dtype=torch.float64)
+    monkeypatch.setattr(weights, "_segments", failing_segments)
+    with weights.lock, pytest.raises(IndexError):
+        weights.apply(indices, values)
+    assert len(calls) == 3, "the failure came from the write, and the restore ran"
+    assert all(torch.equal(p, before[name]) for name, p in module.named_parameters())

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from app.cli.common import ProgressBar, add_base_options, add_data_options, print_json, task_data_from
+from app.core.files import atomic_write
 from app.grafting.base import BaseModel, EligibleRule, load_base
 from app.grafting.checkpoint import Checkpoint, head_spec_or_error, load_checkpoint, split_for_base
 from app.grafting.data import TaskData
 from app.grafting.evaluate import Evaluator, mask_breakdown, mask_counts
 from app.grafting.heads import Example, HeadSpec
 from app.grafting.localize import METHODS, LocalizeConfig
-from app.grafting.patch import atomic_write, load_patch, save_patch, validate_for_base
+from app.grafting.patch import load_patch, save_patch, validate_for_base
 from app.grafting.pipeline import graft, split_for_evaluation
 
 

@@ -10,10 +10,11 @@ import json
 from pathlib import Path
 
 from app.cli.common import add_base_options, print_json
+from app.core.files import atomic_write
 from app.core.store import LocalTaskStore
 from app.grafting.base import BaseModel, load_base
 from app.grafting.overlap import overlap_report
-from app.grafting.patch import GraftPatch, atomic_write, load_patch, validate_patch
+from app.grafting.patch import GraftPatch, load_patch, validate_for_base
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -44,7 +45,7 @@ def resolve_patches(items: str, store_dir: str | None, base: BaseModel) -> dict[
             name = patch.task if patch.task not in patches else path.stem
         else:
             patch, name = load_patch(store.require(item).path), item
-        validate_patch(patch, base.parameters, base.fingerprint, base.hidden_size)
+        validate_for_base(patch, base)
         patch.task = name
         patches[name] = patch
     if not patches:

@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from app.core.errors import InvalidTaskName, TaskNotFound
+from app.core.files import atomic_write, write_bytes_synced
 from app.grafting.bounded_json import BoundedJSONError, loads_bounded
 from app.grafting.patch import PatchError
 from app.grafting.patch_metadata import PatchMetadataError, parse_patch_metadata
@@ -166,19 +166,7 @@ class LocalTaskStore:
         """Stage ``data``, run ``validate`` on the staged file, then rename it into place. A patch that fails
         validation leaves the store untouched (no folder is created for a new name)."""
         folder = self.task_dir(name)
-        fd, tmp_name = tempfile.mkstemp(prefix=f"{name}.", suffix=".safetensors", dir=self.staging_dir)
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            validate(tmp)
-            folder.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, folder / PATCH_FILE)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        atomic_write(folder / PATCH_FILE, write_bytes_synced(data), staging_dir=self.staging_dir, check=validate)
         stored = self.require(name)
         record = {
             "name": name,
@@ -204,11 +192,4 @@ class LocalTaskStore:
         return True
 
     def _write_json(self, path: Path, data: dict[str, Any]) -> None:
-        fd, tmp_name = tempfile.mkstemp(prefix=".task.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(data, handle, indent=2, sort_keys=True)
-            os.replace(tmp_name, path)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True)))

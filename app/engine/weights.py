@@ -81,10 +81,17 @@ class BaseWeights:
         return out
 
     def apply(self, indices: torch.Tensor, values: torch.Tensor) -> Saved:
-        """Write ``values`` at global ``indices`` (caller holds ``lock``); returns what restores the base exactly."""
+        """Write ``values`` at global ``indices`` (caller holds ``lock``); returns what restores the base exactly.
+
+        All or nothing: if the write fails part-way (the per-tensor path can, after some tensors were written),
+        the originals are written back before the error propagates."""
         with torch.no_grad():
             saved = Saved(indices, self.read(indices))
-            self._write(indices, values)
+            try:
+                self._write(indices, values)
+            except BaseException:
+                self.restore(saved)
+                raise
             return saved
 
     def restore(self, saved: Saved) -> None:

@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from app.core.files import atomic_write
 from app.grafting.base import BaseModel, EligibleRule, fingerprint_parameters, normalize_state_dict
 from app.grafting.bounded_json import BoundedJSONError, loads_bounded
 from app.grafting.heads import (
@@ -30,7 +31,7 @@ from app.grafting.heads import (
     detect_classifier_kind,
     family_of,
 )
-from app.grafting.patch import atomic_write, sha256_file
+from app.grafting.patch import sha256_file
 from app.grafting.patch_metadata import PatchMetadataError, head_spec_from_json
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")

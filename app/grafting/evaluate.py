@@ -1,6 +1,6 @@
 """Evaluating a graft against the models it sits between: θ_pre, θ_ft and (classifier mode) body_pre + head_ft.
 
-Report fields (PAPER.md, "What to measure"): accuracies, graft/ft ratio, relative gain
+Report fields (docs/method.md, "What is measured"): accuracies, graft/ft ratio, relative gain
 (acc_graft − acc_pre)/(acc_ft − acc_pre), agreement of the graft's predictions with θ_ft's, expected calibration
 error (10 equal-width confidence bins), and where the mask sits (entries per layer and per module type).
 
@@ -14,8 +14,7 @@ reused for every patch, since a benchmark scores many masks against the same che
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,7 +22,7 @@ import torch
 from app.grafting.base import BaseModel, layer_of, module_type_of
 from app.grafting.heads import Example, HeadSpec, TaskModel, Tokenization, default_classifier_kind, init_classifier_head
 from app.grafting.inference import predict_logits
-from app.grafting.patch import GraftPatch, grafted
+from app.grafting.patch import GraftPatch, grafted, swapped_weights
 
 ECE_BINS = 10
 
@@ -86,29 +85,6 @@ def mask_counts(mask: Mapping[str, torch.Tensor]) -> dict[str, int]:
 
 def patch_counts(patch: GraftPatch) -> dict[str, int]:
     return {name: int(indices.numel()) for name, (indices, _) in patch.entries.items()}
-
-
-@contextmanager
-def swapped_weights(parameters: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor]) -> Iterator[None]:
-    """Run a block with ``values`` written into the live parameters; originals written back exactly after.
-
-    Only tensors that differ are swapped (a fine-tune leaves the embeddings as they were).
-    """
-    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-    try:
-        with torch.no_grad():
-            for name, value in values.items():
-                target = parameters[name]
-                source = value.to(target.device, target.dtype)
-                if torch.equal(source, target):
-                    continue
-                saved.append((target, target.detach().clone()))
-                target.copy_(source)
-        yield
-    finally:
-        with torch.no_grad():
-            for target, original in reversed(saved):
-                target.copy_(original)
 
 
 def _summary(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

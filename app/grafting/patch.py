@@ -14,10 +14,9 @@ the base returns bit-identical (never restored by subtraction, which rounds).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save, save_file
 
+from app.core.files import atomic_write
 from app.grafting.base import BaseModel
 from app.grafting.heads import Example, HeadError, HeadSpec, Tokenization, label_word_ids, validate_head_tensors
 from app.grafting.patch_metadata import PatchMetadataError, parse_patch_metadata
@@ -148,19 +148,6 @@ def build_patch(
         metrics=dict(metrics or {}),
         extra=dict(extra or {}),
     )
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename into ``path``: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _tensors_and_metadata(patch: GraftPatch) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -303,54 +290,90 @@ def validate_for_base(patch: GraftPatch, base: BaseModel, max_length: int = 128)
 
 @dataclass
 class AppliedPatch:
-    """Originals saved by ``apply_patch``; ``restore`` writes them back."""
+    """Originals saved while writing values into live parameters; ``restore`` writes them back exactly."""
 
-    saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (flat parameter view, indices, originals)
+    saved: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]  # (flat view, indices or None, originals)
 
     def restore(self) -> None:
         with torch.no_grad():
             for flat, indices, originals in reversed(self.saved):
-                flat[indices] = originals
+                if indices is None:
+                    flat.copy_(originals)
+                else:
+                    flat[indices] = originals
         self.saved = []
 
 
-def apply_patch(
-    parameters: Mapping[str, torch.Tensor], patch: GraftPatch, device_entries: dict | None = None
-) -> AppliedPatch:
-    """Scatter the patch's fine-tuned values into live parameters, keeping the originals for an exact restore.
+# What to write into one parameter: (flat indices, values at them), or (None, a whole new tensor).
+Writes = Mapping[str, tuple[torch.Tensor | None, torch.Tensor]]
 
-    ``device_entries`` may hold the entries already moved to the parameters' device (the engine caches them).
-    """
-    entries = device_entries if device_entries is not None else patch.entries
+
+def write_saving(parameters: Mapping[str, torch.Tensor], writes: Writes) -> AppliedPatch:
+    """The one way grafting code writes into live parameters outside the engine (whose flat buffer has its own
+    ``BaseWeights``): originals are kept for an exact restore, and a failure part-way restores what was written."""
     applied = AppliedPatch([])
     with torch.no_grad():
         try:
-            for name, (indices, values) in entries.items():
+            for name, (indices, values) in writes.items():
                 flat = parameters[name].data.view(-1)
-                idx = indices.to(flat.device)
-                applied.saved.append((flat, idx, flat[idx].clone()))
-                flat[idx] = values.to(flat.device)
+                source = values.to(flat.device, flat.dtype).reshape(-1)
+                if indices is None:
+                    applied.saved.append((flat, None, flat.clone()))
+                    flat.copy_(source)
+                else:
+                    idx = indices.to(flat.device)
+                    applied.saved.append((flat, idx, flat[idx].clone()))
+                    flat[idx] = source
         except BaseException:
             applied.restore()
             raise
     return applied
 
 
+def apply_patch(parameters: Mapping[str, torch.Tensor], patch: GraftPatch) -> AppliedPatch:
+    """Scatter the patch's fine-tuned values into live parameters, keeping the originals for an exact restore."""
+    return write_saving(parameters, patch.entries)
+
+
 @contextmanager
-def grafted(parameters: Mapping[str, torch.Tensor], patch: GraftPatch) -> Iterator[None]:
-    """``with grafted(params, patch):`` runs the block on θ_pre + γ⊙δ and restores the base even on error."""
-    applied = apply_patch(parameters, patch)
+def restored_after(applied: AppliedPatch) -> Iterator[None]:
     try:
         yield
     finally:
         applied.restore()
 
 
+def grafted(parameters: Mapping[str, torch.Tensor], patch: GraftPatch) -> contextlib.AbstractContextManager[None]:
+    """``with grafted(params, patch):`` runs the block on θ_pre + γ⊙δ and restores the base even on error."""
+    return restored_after(apply_patch(parameters, patch))
+
+
+def swapped_weights(
+    parameters: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor]
+) -> contextlib.AbstractContextManager[None]:
+    """Run a block with whole tensors ``values`` written into the live parameters (e.g. θ_ft's body); originals
+    written back exactly after. Only tensors that differ are swapped (a fine-tune leaves the embeddings alone)."""
+    writes = {
+        name: (None, value)
+        for name, value in values.items()
+        if not torch.equal(value.to(parameters[name].device, parameters[name].dtype), parameters[name])
+    }
+    return restored_after(write_saving(parameters, writes))
+
+
+def materialize_entries(
+    pre: Mapping[str, torch.Tensor], entries: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """A dense state dict: every base tensor, with ``entries`` (flat indices, values) written in."""
+    out = {name: tensor.detach().to("cpu").clone() for name, tensor in pre.items()}
+    for name, (indices, values) in entries.items():
+        out[name].view(-1)[indices] = values
+    return out
+
+
 def materialize(pre: Mapping[str, torch.Tensor], patch: GraftPatch) -> dict[str, torch.Tensor]:
     """A full grafted state dict: base tensors with the patch's entries written in, plus the head tensors."""
-    out = {name: tensor.detach().to("cpu").clone() for name, tensor in pre.items()}
-    for name, (indices, values) in patch.entries.items():
-        out[name].view(-1)[indices] = values
+    out = materialize_entries(pre, patch.entries)
     out.update({name: tensor.clone() for name, tensor in patch.head.items()})
     return out
 

@@ -1,4 +1,4 @@
-"""Localize-and-Stitch (PAPER.md, "Later work"): several task grafts merged into one multi-skill model.
+"""Localize-and-Stitch (docs/method.md, "Several skills"): several task grafts merged into one multi-skill model.
 
 θ = θ_pre + Σ_i γ'_i⊙δ_i with γ'_i = γ_i / Σ_j γ_j: an entry in one task's mask takes that task's fine-tuned value,
 an entry shared by several masks takes the mean of their deltas, every other entry stays θ_pre.
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from app.grafting.patch import GraftPatch
+from app.grafting.patch import GraftPatch, materialize_entries
 
 
 class StitchError(ValueError):
@@ -115,8 +115,5 @@ def member_patch(stitched: Stitched, patch: GraftPatch, name: str, extra: dict[s
 
 
 def stitched_state_dict(pre: Mapping[str, torch.Tensor], stitched: Stitched) -> dict[str, torch.Tensor]:
-    """The stitched encoder as a dense state dict (bare encoder names, every base tensor; no head)."""
-    out = {name: tensor.detach().to("cpu").clone() for name, tensor in pre.items()}
-    for param, (indices, values) in stitched.entries.items():
-        out[param].view(-1)[indices] = values
-    return out
+    """The stitched body as a dense state dict (bare names, every base tensor; no head)."""
+    return materialize_entries(pre, stitched.entries)
