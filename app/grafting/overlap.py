@@ -2,7 +2,7 @@
 
 For masks γ_i, γ_j (sets of base entries) the report gives, as matrices indexed [i][j]:
 
-* ``containment``: |γ_i ∩ γ_j| / |γ_j| (PAPER.md, "Several tasks"; the diagonal is 1);
+* ``containment``: |γ_i ∩ γ_j| / |γ_j| (docs/method.md, "Several skills"; the diagonal is 1);
 * ``jaccard``: |γ_i ∩ γ_j| / |γ_i ∪ γ_j|;
 * ``intersection``: |γ_i ∩ γ_j| in entries;
 * ``sign_agreement``: on the shared entries, the fraction where δ_i = θ_i − θ_pre and δ_j have the same sign
