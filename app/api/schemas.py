@@ -36,10 +36,18 @@ class ReadyPublic(BaseModel):
 
 
 class BasePublic(BaseModel):
-    name: str = Field(examples=["all-MiniLM-L6-v2"])
-    model_type: str = Field(examples=["bert"])
-    num_parameters: int = Field(examples=[22713216])
-    hidden_size: int = Field(examples=[384])
+    name: str = Field(examples=["SmolLM2-135M-Instruct"])
+    family: Literal["encoder", "decoder"] = Field(
+        description="encoder (BERT family: prompts read at a mask token) or decoder (Llama family: next word)"
+    )
+    model_type: str = Field(examples=["llama"])
+    num_parameters: int = Field(examples=[134515008])
+    eligible_size: int = Field(
+        description="Entries of the default eligible set (every tensor of the transformer layers); sparsity is "
+        "counted against it.",
+        examples=[106202880],
+    )
+    hidden_size: int = Field(examples=[576])
     fingerprint: str = Field(description="SHA-256 over the base's parameters; patches must name the same.")
 
 

@@ -22,7 +22,7 @@ from app.core.errors import InvalidInput, LimitExceeded, NotReady, TaskNotFound
 from app.core.store import LocalTaskStore, StoredPatch, TaskStore, check_task_name
 from app.engine.engine import Engine, EngineConfig
 from app.engine.registry import EngineTask, TaskRegistry
-from app.grafting.base import BaseModel
+from app.grafting.base import BaseModel, EligibleRule, eligible_size
 from app.grafting.heads import Encoded, Example
 from app.grafting.patch import PatchError
 
@@ -231,8 +231,10 @@ class InferenceService:
         return {
             "base": {
                 "name": self.base.name,
+                "family": self.base.family,
                 "model_type": self.base.model_type,
                 "num_parameters": self.base.num_parameters,
+                "eligible_size": eligible_size(self.base.parameters, EligibleRule()),
                 "hidden_size": self.base.hidden_size,
                 "fingerprint": self.base.fingerprint,
             },
