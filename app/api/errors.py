@@ -127,9 +127,11 @@ def _describe(request: Request, exc: Exception) -> tuple[int, str, str, dict[str
             problems.append(f"{where}: {item.get('msg', 'invalid')}" if where else str(item.get("msg", "invalid")))
         return 422, "validation_error", "; ".join(problems) or "invalid request", {}
     if isinstance(exc, StarletteHTTPException):
-        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
-            # FastAPI's answer to an undecodable body: a malformed body is a 422 like any other here.
-            return 422, "validation_error", "body: not valid JSON", {}
+        if exc.status_code == 400:
+            # Only body parsing raises a bare 400 (FastAPI for an undecodable JSON body, Starlette for a broken
+            # multipart form): a malformed body is a 422 like any other here.
+            detail = "not valid JSON" if exc.detail == "There was an error parsing the body" else str(exc.detail)
+            return 422, "validation_error", f"body: {detail}", {}
         headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 405:
             # One path may be served by several routes (GET and DELETE handlers): list every allowed method.
