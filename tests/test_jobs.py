@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -13,12 +14,18 @@ from safetensors.torch import save_file
 from app.config import Settings
 from app.core.errors import LimitExceeded
 from app.core.store import LocalTaskStore
-from app.grafting.base import BaseModel
+from app.grafting.base import BaseModel, EligibleRule
+from app.grafting.checkpoint import save_checkpoint
+from app.grafting.localize import LocalizeConfig
 from app.grafting.patch import load_patch, validate_patch
+from app.jobs.context import JobContext
 from app.jobs.errors import InvalidUpload, TaskExists, UnsupportedUpload
-from app.jobs.models import JobRecord, JobState
+from app.jobs.models import JobRecord, JobState, TaskSpec
+from app.jobs.runner import InProcessRunner
 from app.jobs.service import JobService, build_job_service, connect_redis
-from app.jobs.store import RedisJobStore
+from app.jobs.store import FileJobStore, RedisJobStore
+from tests.utils.planted import SPEC, planted_task
+from tests.utils.tiny import load_tiny
 from tests.utils.uploads import jsonl, spec, stage, write_checkpoint
 
 REDIS_URL = os.environ.get("SKILLGRAFT_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
@@ -70,7 +77,9 @@ def test_in_process_job_end_to_end(service: JobService, checkpoint: Path, tiny_b
     assert done.progress.phase == "succeeded"
     patch = load_patch(service.tasks.patch_path("tiny"))
     validate_patch(patch, tiny_base.parameters, tiny_base.fingerprint, tiny_base.hidden_size)
-    assert patch.metrics["evaluated_on"] == "dev" and "acc_graft" in patch.metrics
+    # 16 + 8 uploaded examples are too few to hold any out: the figures say they are selection-set figures
+    assert patch.metrics["evaluated_on"] == "selection" and "evaluation_note" in patch.metrics
+    assert patch.metrics["examples"] == 24 and "acc_graft" in patch.metrics
     assert patch.extra["job"] == record.id
     assert leftovers_after_success(service) == [], "the upload is removed after success"
     # resubmitting the same content returns the existing job, not a new one
@@ -242,3 +251,45 @@ def test_queued_job_limit(tiny_base: BaseModel, tiny_base_dir: Path, tmp_path: P
             svc.cancel(record.id)
     finally:
         svc.runner.close()
+
+
+def test_a_learned_job_with_default_settings_finds_the_planted_skill(tiny_base_dir: Path, tmp_path: Path) -> None:
+    """Through the job path (upload → validation → runner → pipeline → store) with the spec's default localization
+    settings: the learned mask leaves top-k, which holds only a decoy, and scores at least as well."""
+    base = load_tiny(tiny_base_dir)
+    ft, planted, examples = planted_task(base)
+    eligible = sum(base.parameters[n].numel() for n in EligibleRule().select(base.parameters))
+    sparsity = (16 * base.hidden_size + 0.5) / eligible  # γ_base = exactly the decoy rows
+    folder = save_checkpoint(tmp_path / "ckpt", base, ft, SPEC)
+    settings = Settings(base_model=tiny_base_dir, store_dir=tmp_path / "store")
+    tasks = LocalTaskStore(settings.store_dir)
+    jobs = FileJobStore(settings.store_dir / "jobs")
+    context = JobContext(lambda: base, tasks, jobs, settings.store_dir / "uploads")
+    service = JobService(settings, base, tasks, jobs, InProcessRunner(context))
+    rows = [{"text": e.text, "label": SPEC.labels[e.label]} for e in examples]
+    train = "\n".join(json.dumps(r) for r in rows[:16]).encode()
+    dev = "\n".join(json.dumps(r) for r in rows[16:]).encode()
+    try:
+        records = {}
+        for method in ("learned", "topk"):
+            upload = stage(service, folder / "model.safetensors", train, dev)
+            task_spec = TaskSpec(
+                task=method,
+                mode="prompt",
+                labels=list(SPEC.labels),
+                template=SPEC.template,
+                label_words=list(SPEC.label_words or ()),
+                method=method,
+                sparsity=sparsity,
+            )
+            assert task_spec.steps == LocalizeConfig().steps and task_spec.max_step == LocalizeConfig().max_step
+            records[method] = wait_for(service, service.submit(upload, task_spec)[0].id)
+            assert records[method].state == JobState.succeeded, records[method].error
+    finally:
+        service.runner.close()
+    learned, topk = (load_patch(tasks.patch_path(name)) for name in ("learned", "topk"))
+    learned_entries = {(n, int(i)) for n, (idx, _) in learned.entries.items() for i in idx}
+    topk_entries = {(n, int(i)) for n, (idx, _) in topk.entries.items() for i in idx}
+    assert learned_entries != topk_entries and learned_entries - topk_entries <= planted
+    assert learned.metrics["acc_graft"] >= topk.metrics["acc_graft"]
+    assert learned.metrics["acc_graft"] == 1.0 and topk.metrics["acc_graft"] < 1.0

@@ -4,7 +4,6 @@ known skill set on a synthetic task, exact restore of the base, and the CLI end 
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch
 
 from app.cli import main
 from app.grafting.base import BaseModel, EligibleRule
-from app.grafting.heads import Example, HeadSpec, TaskModel, Tokenization, label_word_ids
+from app.grafting.heads import Example, TaskModel, Tokenization
 from app.grafting.inference import predict_logits
 from app.grafting.localize import (
     LocalizationCancelled,
@@ -27,15 +26,8 @@ from app.grafting.localize import (
     top_k_mask,
 )
 from app.grafting.patch import build_patch, grafted, load_patch, validate_patch
+from tests.utils.planted import SPEC, entries, planted_task, sentences
 from tests.utils.tiny import load_tiny, random_finetune
-
-SPEC = HeadSpec("prompt", ("negative", "positive"), "{text} It was {mask} .", ("terrible", "great"))
-WORDS = ("the", "a", "film", "story", "plot", "actor", "scene", "music", "long", "short", "old", "new", "day", "road")
-
-
-def sentences(n: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) for _ in range(n)]
 
 
 def snapshot(base: BaseModel) -> dict[str, torch.Tensor]:
@@ -119,47 +111,6 @@ def test_data_free_methods_have_the_requested_size(tiny_base: BaseModel) -> None
     capped = localize(tiny_base, ft, SPEC, config=LocalizeConfig(method="topk", sparsity=0.01, budget=5))
     assert capped.size == 5
     assert_identical(tiny_base, saved)
-
-
-def planted_task(base: BaseModel, n: int = 24) -> tuple[dict[str, torch.Tensor], set[tuple[str, int]], list[Example]]:
-    """A task whose whole skill sits in one known set A of weights, hidden behind a larger decoy movement B.
-
-    A = the last layer's output LayerNorm bias: moving it along the label-word direction turns every prediction
-    into "great". B = rows of the last FFN's input matrix whose neurons the output matrix ignores (zero columns):
-    they move 5× more than A, so top-|δ| picks them, yet they cannot change any output.
-    """
-    params = base.parameters
-    last = max(int(n.split(".")[2]) for n in params if n.startswith("encoder.layer."))
-    width = base.hidden_size
-    torch.manual_seed(0)
-    signs = torch.randint(0, 2, (width,)).double() * 2 - 1
-    terrible, great = label_word_ids(base.tokenizer, ["terrible", "great"])
-    dead = list(range(16))
-    with torch.no_grad():
-        table = base.word_embeddings
-        table[terrible] = -0.05 * signs.to(table.dtype)
-        table[great] = 0.05 * signs.to(table.dtype)
-        params[f"encoder.layer.{last}.output.dense.weight"][:, dead] = 0.0
-    ft = {name: tensor.detach().clone() for name, tensor in params.items()}
-    skill = f"encoder.layer.{last}.output.LayerNorm.bias"
-    decoy = f"encoder.layer.{last}.intermediate.dense.weight"
-    texts = sentences(n, seed=1)
-    model = TaskModel(base.encoder, SPEC, base.tokenizer)
-    tokenization = Tokenization(base.tokenizer, SPEC)
-    encoded = tokenization.encode_many([Example(t, 0) for t in texts])
-    margins = predict_logits(model, tokenization, encoded) @ torch.tensor([-1.0, 1.0])
-    # each of the `width` entries adds the same step to every margin; sized so that the hardest example needs
-    # all but one of them: the planted set can only be found whole
-    step = float(-margins.min()) / (width - 1.5)
-    ft[skill] += step / 0.1 * signs.to(ft[skill].dtype)  # label-word rows differ by 0.1·signs
-    ft[decoy][dead] += 5.0 * step / 0.1
-    planted = {(skill, i) for i in range(width)}
-    examples = [Example(t, 1) for t in texts]
-    return ft, planted, examples
-
-
-def entries(mask: dict[str, torch.Tensor]) -> set[tuple[str, int]]:
-    return {(name, int(i)) for name, m in mask.items() for i in torch.nonzero(m.reshape(-1)).reshape(-1)}
 
 
 def test_learned_mask_recovers_the_planted_skill(fresh_tiny: BaseModel) -> None:

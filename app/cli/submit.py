@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from app.cli.common import ProgressBar, print_json
+from app.grafting.localize import METHODS, LocalizeConfig
 
 FINISHED = ("succeeded", "failed", "cancelled")
 
@@ -27,9 +28,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--mode", choices=["prompt", "classifier"], help="default: what the checkpoint declares")
     parser.add_argument("--template", help="prompt template with {text} and {mask}")
     parser.add_argument("--label-words", help="comma-separated label words (prompt mode)")
-    parser.add_argument("--sparsity", type=float, default=1e-2)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--method", choices=["learned", "topk", "random", "dataless"], default="learned")
+    defaults = LocalizeConfig()
+    group = parser.add_argument_group("localization (defaults: the server's, shared with skillgraft localize)")
+    group.add_argument("--sparsity", type=float, default=defaults.sparsity)
+    group.add_argument("--steps", type=int, default=defaults.steps)
+    group.add_argument("--method", choices=METHODS, default=defaults.method)
+    group.add_argument("--max-step", type=float, default=defaults.max_step, help="scale-free step (0: plain step)")
+    group.add_argument("--budget", type=int, default=None, help="hard cap on the mask size in entries")
+    group.add_argument("--examples-per-step", type=int, default=defaults.examples_per_step)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--replace", action="store_true", help="replace a task of the same name")
     parser.add_argument("--no-follow", action="store_true", help="print the job and return at once")
@@ -43,6 +49,9 @@ def _spec(args: argparse.Namespace) -> dict[str, Any]:
         "sparsity": args.sparsity,
         "steps": args.steps,
         "method": args.method,
+        "max_step": args.max_step or None,
+        "budget": args.budget,
+        "examples_per_step": args.examples_per_step,
         "seed": args.seed,
         "replace": args.replace,
     }

@@ -70,6 +70,11 @@ class GraftPatch:
         return sum(int(indices.numel()) for indices, _ in self.entries.values())
 
     @property
+    def head_entries(self) -> int:
+        """Values of the dense head tensors (classifier mode): carried beside the mask, not counted in it."""
+        return sum(int(tensor.numel()) for tensor in self.head.values())
+
+    @property
     def sparsity(self) -> float:
         return self.mask_size / self.eligible_size if self.eligible_size else 0.0
 
@@ -87,6 +92,7 @@ class GraftPatch:
             "eligible_rule": self.eligible_rule,
             "eligible_size": self.eligible_size,
             "mask_size": self.mask_size,
+            "head_entries": self.head_entries,
             "sparsity": self.sparsity,
             "method": self.method,
             "source_checkpoint_sha256": self.source_checkpoint_sha256,

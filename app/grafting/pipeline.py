@@ -14,7 +14,7 @@ that is:
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,7 +23,14 @@ from app.grafting.calibration import reliability_bins
 from app.grafting.checkpoint import Checkpoint
 from app.grafting.evaluate import Evaluator
 from app.grafting.heads import Example, HeadSpec
-from app.grafting.localize import LocalizeConfig, LocalizeResult, ProgressCallback, StopCheck, localize
+from app.grafting.localize import (
+    LocalizeConfig,
+    LocalizeResult,
+    ProgressCallback,
+    StopCheck,
+    data_free_mask,
+    localize,
+)
 from app.grafting.patch import GraftPatch, build_patch
 
 EvaluatedOn = Literal["test", "held-out", "selection"]
@@ -79,9 +86,13 @@ def graft(
     should_stop: StopCheck | None = None,
     evaluate: bool = True,
     extra: dict[str, Any] | None = None,
+    on_phase: Callable[[str], None] | None = None,
 ) -> GraftOutcome:
     """Localize ``checkpoint``'s skill on ``base``, build the patch and (``evaluate``) report on the evaluation
-    split. The base comes back bit-identical; the head tensors of ``spec``'s kind travel in the patch densely."""
+    split. The base comes back bit-identical; the head tensors of ``spec``'s kind travel in the patch densely.
+    ``on_phase`` hears "localize" and "evaluate" as each starts (job phases and their timings)."""
+    if on_phase is not None:
+        on_phase("localize")
     head = checkpoint.head_tensors(spec)
     localized = localize(
         base, checkpoint.body, spec, splits.train, splits.dev, config, head, progress=progress, should_stop=should_stop
@@ -102,6 +113,8 @@ def graft(
     )
     outcome = GraftOutcome(patch, localized)
     if evaluate and splits.evaluation:
+        if on_phase is not None:
+            on_phase("evaluate")
         outcome.report = evaluation_report(base, checkpoint, spec, patch, splits, config.max_length)
         patch.metrics = outcome.report
     return outcome
@@ -135,4 +148,31 @@ def evaluation_report(
         "ft": reliability_bins(evaluator.ft_logits, evaluator.labels),
         "graft": reliability_bins(logits, evaluator.labels),
     }
+    if spec.mode == "classifier":
+        # the dense head can carry much of a skill on its own: show what a random mask of the same size keeps
+        report["head_entries"] = patch.head_entries
+        report["random_mask"] = _random_mask_baseline(base, checkpoint, patch, evaluator)
     return report
+
+
+def _random_mask_baseline(
+    base: BaseModel, checkpoint: Checkpoint, patch: GraftPatch, evaluator: Evaluator
+) -> dict[str, Any]:
+    rule = EligibleRule.parse(patch.eligible_rule)
+    names = rule.select(base.parameters)
+    mask = data_free_mask("random", base.parameters, checkpoint.body, names, patch.mask_size, seed=0)
+    random_patch = build_patch(
+        base.parameters,
+        checkpoint.body,
+        mask,
+        task=patch.task,
+        spec=patch.spec,
+        base_fingerprint=patch.base_fingerprint,
+        head=patch.head,
+        eligible_rule=patch.eligible_rule,
+        eligible_size=patch.eligible_size,
+        method="random",
+    )
+    report = evaluator.report(random_patch)
+    keys = ("acc_graft", "ece_graft", "relative_gain", "gap_closed_from_body_head", "agreement_with_ft")
+    return {"mask_size": random_patch.mask_size, **{key: report.get(key) for key in keys}}

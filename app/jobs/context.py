@@ -17,7 +17,7 @@ from typing import Any
 
 from app.core.store import LocalTaskStore, StoredPatch
 from app.grafting.base import BaseModel
-from app.grafting.patch import GraftPatch, load_patch, patch_to_bytes, validate_patch
+from app.grafting.patch import GraftPatch, load_patch, patch_to_bytes, validate_for_base
 from app.jobs.inputs import UploadPaths
 from app.jobs.models import JobRecord, JobState, utc_now
 from app.jobs.store import JobStore
@@ -87,7 +87,7 @@ def store_task(ctx: JobContext, base: BaseModel, patch: GraftPatch, job_id: str)
     """Write ``patch`` into the task store under its task name, validated against ``base`` before the rename."""
 
     def validate(path: Path) -> None:
-        validate_patch(load_patch(path), base.parameters, base.fingerprint, base.hidden_size)
+        validate_for_base(load_patch(path), base)
 
     stored = ctx.tasks.write_patch(patch.task, patch_to_bytes(patch), validate, source=f"job:{job_id}")
     if ctx.on_task_written is not None:

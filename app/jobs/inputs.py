@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-import torch
-
 from app.config import Settings, get_settings
 from app.grafting.base import BaseModel, EligibleRule
 from app.grafting.checkpoint import (
@@ -27,7 +25,6 @@ from app.grafting.checkpoint import (
 )
 from app.grafting.data import DataError, read_user_data
 from app.grafting.heads import (
-    CLASSIFIER_TENSORS,
     Example,
     HeadError,
     HeadSpec,
@@ -263,14 +260,7 @@ def load_job_inputs(
         except DataError as exc:
             raise UploadError("dev", str(exc)) from exc
     try:
-        TaskModel(base.encoder, head, base.tokenizer, head_tensors_for(checkpoint, head))
+        TaskModel(base.encoder, head, base.tokenizer, checkpoint.head_tensors(head))
     except HeadError as exc:
         raise UploadError("spec", str(exc)) from exc
     return JobInputs(checkpoint, head, train, dev)
-
-
-def head_tensors_for(checkpoint: Checkpoint, head: HeadSpec) -> dict[str, torch.Tensor]:
-    """The checkpoint's head tensors that the head kind uses (what the patch carries densely)."""
-    if head.mode == "prompt" or head.classifier_kind is None:
-        return {}
-    return {name: checkpoint.head[name] for name in CLASSIFIER_TENSORS[head.classifier_kind]}

@@ -11,6 +11,9 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from app.core.store import TASK_NAME_PATTERN as STORE_TASK_NAME
+from app.grafting.localize import LocalizeConfig, Method
+
+_LOCALIZE = LocalizeConfig()
 
 # One definition of a safe task name: the store's (it builds paths from names).
 _TASK_NAME = STORE_TASK_NAME
@@ -69,12 +72,38 @@ class TaskSpec(_JobSpec):
     labels: list[str] | None = Field(None, description="Label names in id order; default: from the checkpoint/data")
     template: str | None = Field(None, description="Prompt template with {text}, optional {text_pair}, {mask}")
     label_words: list[str] | None = Field(None, description="One label word per label (prompt mode)")
-    sparsity: float = Field(1e-2, gt=0, le=1, description="Mask size as a fraction of the eligible set")
-    steps: int = Field(10, ge=0, le=1000, description="Mask optimisation steps (learned method)")
-    method: Literal["learned", "topk", "random", "dataless"] = "learned"
-    eligible: str = Field("layers", description="Eligible-set rule, e.g. 'layers' or 'layers,bias-only'")
-    seed: int = 0
+    # Localization settings: LocalizeConfig's defaults, the same the CLI and the benchmarks use.
+    sparsity: float = Field(
+        _LOCALIZE.sparsity, gt=0, le=1, description="k / |E|: size of γ_base (learned) or of the mask (others)"
+    )
+    steps: int = Field(_LOCALIZE.steps, ge=0, le=1000, description="Mask optimisation steps (learned method)")
+    method: Method = Field(_LOCALIZE.method, description="learned (the paper's), topk, random or topk-rms")
+    max_step: float | None = Field(
+        _LOCALIZE.max_step,
+        gt=0,
+        le=100,
+        description="Step size rule: each step moves the k-th strongest score by this much (scale-free); "
+        "null: the paper's plain step η = 1e7",
+    )
+    budget: int | None = Field(None, ge=0, description="Hard cap on the mask size in entries (null: none)")
+    examples_per_step: int = Field(
+        _LOCALIZE.examples_per_step, ge=1, le=100_000, description="Training examples per step (a seeded sample)"
+    )
+    eligible: str = Field(_LOCALIZE.eligible, description="Eligible-set rule, e.g. 'layers' or 'layers,bias-only'")
+    seed: int = Field(0, description="Seeds the scores, the per-step sample and the held-out evaluation split")
     replace: bool = Field(False, description="Replace an existing task of the same name")
+
+    def localize_config(self) -> LocalizeConfig:
+        return LocalizeConfig(
+            method=self.method,
+            sparsity=self.sparsity,
+            eligible=self.eligible,
+            steps=self.steps,
+            max_step=self.max_step,
+            budget=self.budget,
+            examples_per_step=self.examples_per_step,
+            seed=self.seed,
+        )
 
     @model_validator(mode="after")
     def _prompt_words(self) -> TaskSpec:

@@ -10,13 +10,10 @@ import shutil
 import time
 from typing import Any
 
-from app.grafting.base import BaseModel, EligibleRule
-from app.grafting.calibration import reliability_bins
-from app.grafting.evaluate import Evaluator
-from app.grafting.localize import LocalizationCancelled, LocalizeConfig, localize
-from app.grafting.patch import GraftPatch, build_patch
+from app.grafting.localize import LocalizationCancelled
+from app.grafting.pipeline import graft, split_for_evaluation
 from app.jobs.context import JobContext, Phases, finish, is_cancelled, start, store_task
-from app.jobs.inputs import JobInputs, UploadError, head_tensors_for, load_job_inputs
+from app.jobs.inputs import JobInputs, UploadError, load_job_inputs
 from app.jobs.models import JobRecord, JobState
 
 
@@ -49,75 +46,38 @@ def _localize_and_publish(ctx: JobContext, record: JobRecord, inputs: JobInputs,
     spec = record.spec
     assert spec is not None  # run_localize_job fails spec-less records before this
     base = ctx.base
-    head = head_tensors_for(inputs.checkpoint, inputs.head)
 
     def report(event: dict[str, Any]) -> None:
         ctx.jobs.update(record.id, progress={k: v for k, v in event.items() if k != "timings"})
 
-    phases.enter("localize")
-    config = LocalizeConfig(
-        method=spec.method,
-        sparsity=spec.sparsity,
-        eligible=spec.eligible,
-        steps=spec.steps,
-        max_step=1.0 if spec.method == "learned" else None,
-        seed=spec.seed,
-    )
-    ctx.jobs.update(record.id, progress={"phase": "localize"})
-    found = localize(
+    def enter(phase: str) -> None:
+        phases.enter(phase)
+        ctx.jobs.update(record.id, progress={"phase": phase})
+
+    # no test file in an upload: the pipeline holds out a seeded share, or labels its figures as selection-set
+    splits = split_for_evaluation(inputs.train, inputs.dev, seed=spec.seed)
+    outcome = graft(
         base,
-        inputs.checkpoint.body,
+        inputs.checkpoint,
         inputs.head,
-        inputs.train,
-        inputs.dev,
-        config,
-        head,
+        splits,
+        spec.localize_config(),
+        task=spec.task,
         progress=report,
         should_stop=lambda: is_cancelled(ctx, record.id),
+        extra={"job": record.id},
+        on_phase=enter,
     )
-    phases.enter("evaluate")
-    ctx.jobs.update(record.id, progress={"phase": "evaluate", "mask_size": found.size})
-    patch = build_patch(
-        base.parameters,
-        inputs.checkpoint.body,
-        found.mask,
-        task=spec.task,
-        spec=inputs.head,
-        base_fingerprint=base.fingerprint,
-        head=head,
-        eligible_rule=str(EligibleRule.parse(spec.eligible)),
-        eligible_size=found.eligible_size,
-        method=found.method,
-        source_checkpoint_sha256=inputs.checkpoint.sha256,
-    )
-    metrics = evaluate_job_patch(base, patch, inputs)
-    patch.metrics = metrics
-    patch.extra = {"job": record.id, "localize": found.summary()}
-    phases.enter("write")
-    ctx.jobs.update(record.id, progress={"phase": "write"})
-
-    stored = store_task(ctx, base, patch, record.id)
+    enter("write")
+    stored = store_task(ctx, base, outcome.patch, record.id)
     return {
         "task": spec.task,
         "etag": stored.etag,
-        "mask_size": patch.mask_size,
-        "sparsity": patch.sparsity,
-        "metrics": metrics,
-        "localize": found.summary(),
+        "mask_size": outcome.patch.mask_size,
+        "sparsity": outcome.patch.sparsity,
+        "metrics": outcome.report,
+        "localize": outcome.localized.summary(),
     }
-
-
-def evaluate_job_patch(base: BaseModel, patch: GraftPatch, inputs: JobInputs) -> dict[str, Any]:
-    """The evaluation report on the dev data, or on the training data when no dev file was uploaded (stated)."""
-    examples, split = (inputs.dev, "dev") if inputs.dev else (inputs.train, "train")
-    evaluator = Evaluator(base, inputs.head, inputs.checkpoint.body, examples, ft_head=patch.head or None)
-    report = evaluator.report(patch)
-    # the dashboard's reliability diagram: per-bin accuracy vs confidence of θ_ft and of the graft
-    reliability = {
-        "ft": reliability_bins(evaluator.ft_logits, evaluator.labels),
-        "graft": reliability_bins(evaluator.graft_logits(patch), evaluator.labels),
-    }
-    return {**report, "evaluated_on": split, "reliability": reliability}
 
 
 def sweep_failed_uploads(ctx: JobContext) -> int:
