@@ -6,7 +6,7 @@ import argparse
 
 from app.cli.common import add_base_options, print_json
 from app.grafting.base import load_base
-from app.grafting.patch import load_patch, validate_patch
+from app.grafting.patch import load_patch, validate_for_base
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -21,6 +21,6 @@ def run(args: argparse.Namespace) -> int:
     patch = load_patch(args.patch)
     if not args.no_validate:
         base = load_base(args.base_model, args.device)
-        validate_patch(patch, base.parameters, base.fingerprint, base.hidden_size)
+        validate_for_base(patch, base)
     print_json({**patch.metadata(), "bytes": patch.nbytes, "parameters_touched": len(patch.entries)})
     return 0

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from app.core.errors import TaskNotFound, TaskUnusable
-from app.core.store import StoredPatch, TaskStore, check_task_name
+from app.core.store import StoredPatch, TaskStore
 from app.engine.mixed import DeltaTargets
 from app.engine.weights import BaseWeights
 from app.grafting.base import BaseModel
@@ -114,7 +114,6 @@ class TaskRegistry:
 
     def lookup_cached(self, name: str) -> EngineTask | None:
         """The cached task if it is still the stored version; cheap (one ``stat``), safe on the event loop."""
-        check_task_name(name)
         stored = self.store.stat(name)
         with self._lock:
             task = self._cache.get(name)
@@ -126,7 +125,6 @@ class TaskRegistry:
 
     def get(self, name: str) -> EngineTask:
         """The current version of a task, loading and validating it if needed (blocking: call from a thread)."""
-        check_task_name(name)
         stored = self.store.stat(name)
         if stored is None:
             self._forget(name)
@@ -192,14 +190,12 @@ class TaskRegistry:
 
         Raises ``PatchError`` (malformed) or ``BaseMismatchError`` (another base) and leaves the store unchanged.
         """
-        check_task_name(name)
         created = self.store.stat(name) is None
         stored = self.store.write_patch(name, data, self.check_file, source=source)
         self._forget(name)
         return stored, created
 
     def delete(self, name: str) -> None:
-        check_task_name(name)
         removed = self.store.delete(name)
         self._forget(name)
         if not removed:

@@ -19,7 +19,7 @@ import anyio
 import torch
 
 from app.core.errors import InvalidInput, LimitExceeded, NotReady, TaskNotFound
-from app.core.store import LocalTaskStore, StoredPatch, TaskStore, check_task_name
+from app.core.store import LocalTaskStore, StoredPatch, TaskStore
 from app.engine.engine import Engine, EngineConfig
 from app.engine.registry import EngineTask, TaskRegistry
 from app.grafting.base import BaseModel, EligibleRule, eligible_size
@@ -138,8 +138,6 @@ class InferenceService:
             raise LimitExceeded(f"{len(tasks)} tasks exceed max_tasks_per_request={limits.max_tasks_per_request}")
         if len(set(tasks)) != len(tasks):
             raise InvalidInput("tasks must be distinct")
-        for name in tasks:
-            check_task_name(name)
         if not inputs:
             raise InvalidInput("inputs must hold at least one text")
         if len(inputs) > limits.max_inputs_per_request:
@@ -197,14 +195,12 @@ class InferenceService:
         return infos
 
     def describe_task(self, name: str) -> TaskInfo:
-        check_task_name(name)
         stored = self.store.stat(name)
         if stored is None:
             raise TaskNotFound(f"task {name!r} not found")
         return self._info(stored)
 
     def put_patch(self, name: str, data: bytes, source: str = "upload") -> tuple[TaskInfo, bool]:
-        check_task_name(name)
         if len(data) > self.limits.max_patch_bytes:
             raise LimitExceeded(f"patch of {len(data)} bytes exceeds max_patch_bytes={self.limits.max_patch_bytes}")
         stored, created = self.registry.put(name, data, source=source)
@@ -214,7 +210,6 @@ class InferenceService:
         self.registry.delete(name)
 
     def patch_file(self, name: str) -> StoredPatch:
-        check_task_name(name)
         stored = self.store.stat(name)
         if stored is None:
             raise TaskNotFound(f"task {name!r} not found")

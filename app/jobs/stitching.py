@@ -22,12 +22,13 @@ from typing import Any
 from safetensors.torch import save_file
 
 from app.core.errors import TaskNotFound
+from app.core.files import atomic_write
 from app.core.store import check_task_name
 from app.grafting.base import BaseModel
 from app.grafting.data import REGISTRY, DataError, load_dataset
 from app.grafting.heads import TaskModel, Tokenization
 from app.grafting.inference import accuracy, predict_logits
-from app.grafting.patch import GraftPatch, atomic_write, grafted, load_patch, validate_patch
+from app.grafting.patch import GraftPatch, grafted, load_patch, validate_for_base
 from app.grafting.stitch import StitchError, member_patch, stitch, stitched_state_dict
 from app.jobs.context import JobContext, Phases, finish, is_cancelled, start, store_task
 from app.jobs.errors import StitchNotFound
@@ -106,8 +107,7 @@ def _load_member(ctx: JobContext, base: BaseModel, task: str) -> GraftPatch:
     stored = ctx.tasks.stat(task)
     if stored is None:
         raise TaskNotFound(f"task {task!r} not found")
-    patch = load_patch(stored.path)
-    validate_patch(patch, base.parameters, base.fingerprint, base.hidden_size)
+    patch = validate_for_base(load_patch(stored.path), base)
     # the stored name is the task's identity here, whatever name the patch was built with
     patch.task = task
     return patch

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any, Protocol
 
-from app.grafting.patch import atomic_write
+from app.core.files import atomic_write
 from app.jobs.models import JobRecord, JobState, utc_now
 
 
