@@ -96,3 +96,17 @@ def test_body_limits(client: TestClient) -> None:
         "/v1/tasks", content=chunks(), headers={**auth(ADMIN), "content-type": "multipart/form-data; boundary=b"}
     )
     assert upload.status_code == 413 and "max_upload_bytes" in upload.json()["error"]["message"]
+
+
+def test_keys_are_checked_before_limits_and_bodies(client: TestClient) -> None:
+    """Key first, then limits, then the body: an unauthenticated oversized or malformed request learns nothing."""
+    huge = {"content-length": str(10 * 2**30), "content-type": "multipart/form-data; boundary=b"}
+    assert client.post("/v1/tasks", headers=huge, content=b"").status_code == 401
+    assert client.post("/v1/tasks", headers={**huge, **auth(READ)}, content=b"").status_code == 403
+    assert client.post("/v1/tasks", headers={**huge, **auth(ADMIN)}, content=b"").status_code == 413
+    bad_json = {"content-type": "application/json"}
+    assert client.post("/v1/classify", headers=bad_json, content=b"{oops").status_code == 401
+    assert client.post("/v1/classify", headers={**bad_json, **auth(READ)}, content=b"{oops").status_code == 422
+    # the same policy table decides, whichever way the key is misspelt
+    for header in ({"Authorization": "Bearer"}, {"Authorization": f"Token {ADMIN}"}, {"Authorization": ADMIN}):
+        assert client.delete("/v1/tasks/x", headers=header).status_code == 401
