@@ -27,11 +27,11 @@ from safetensors.torch import save
 
 from app.api.deps import JOB_ID_PATTERN
 from app.api.limits import ascii_int
-from app.api.routes.tasks import looks_pickled
 from app.config import Settings
 from app.core.errors import InvalidTaskName
 from app.engine.service import InferenceService
 from app.grafting.base import BaseModel
+from app.grafting.checkpoint import looks_pickled
 from app.grafting.heads import HeadError, HeadSpec
 from app.grafting.patch import build_patch, patch_to_bytes, save_patch
 from app.jobs.models import job_id_for

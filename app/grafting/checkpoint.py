@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import shutil
 import zipfile
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -105,12 +106,26 @@ class Checkpoint:
         return None
 
 
+PICKLE_PROTOCOLS = {bytes([0x80, version]) for version in range(2, 6)}
+ZIP_MAGIC = b"PK\x03\x04"
+
+
+def looks_pickled(data: bytes) -> bool:
+    """Whether ``data`` (a file's first bytes) is a pickle or a torch.save archive rather than a safetensors file.
+
+    A safetensors file starts with an 8-byte header length and then ``{``; its first byte may well be 0x80 (the
+    low byte of that length), so the header is looked at before the pickle protocol marker."""
+    if data[8:9] == b"{":
+        return False
+    return data[:2] in PICKLE_PROTOCOLS or data[:4] == ZIP_MAGIC
+
+
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise CheckpointError(f"{path.name}: pickle checkpoints are refused; upload safetensors")
     with path.open("rb") as handle:
         magic = handle.read(9)
-    if magic[:2] == b"PK" or magic[:1] == b"\x80":
+    if looks_pickled(magic):
         raise CheckpointError(f"{path.name}: looks like a pickle/torch.save archive; upload safetensors")
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -150,15 +165,16 @@ def read_config_json(path: Path, max_bytes: int = MAX_CONFIG_JSON_BYTES) -> dict
 
 
 def load_checkpoint(
-    path: str | Path, extract_dir: Path | None = None, max_config_bytes: int = MAX_CONFIG_JSON_BYTES
+    path: str | Path, extract_dir: Path | None = None, limits: UploadLimits | None = None
 ) -> Checkpoint:
     """Read a checkpoint folder, ``.safetensors`` file or zip; tensors are split later by ``split_for_base``."""
+    limits = limits or UploadLimits()
     source = Path(path)
     config: dict[str, Any] = {}
     if source.is_file() and zipfile.is_zipfile(source) and source.suffix.lower() == ".zip":
         if extract_dir is None:
             raise CheckpointError("a zipped checkpoint needs a folder to extract into")
-        source = _extract_zip(source, extract_dir)
+        source = extract_checkpoint_zip(source, extract_dir, limits)
     if source.is_dir():
         weights = source / "model.safetensors"
         if not weights.is_file():
@@ -166,12 +182,12 @@ def load_checkpoint(
             hint = f" (found {pickled[0]}: pickle checkpoints are refused)" if pickled else ""
             raise CheckpointError(f"checkpoint folder has no model.safetensors{hint}")
         if (source / "config.json").is_file():
-            config = read_config_json(source / "config.json", max_config_bytes)
+            config = read_config_json(source / "config.json", limits.max_json_bytes)
     elif source.is_file():
         weights = source
         sidecar = source.with_name("config.json")
         if sidecar.is_file():
-            config = read_config_json(sidecar, max_config_bytes)
+            config = read_config_json(sidecar, limits.max_json_bytes)
     else:
         raise CheckpointError(f"checkpoint {source} not found")
     try:
@@ -181,22 +197,100 @@ def load_checkpoint(
     return Checkpoint(body=state, head={}, config=config, sha256=sha256_file(weights))
 
 
-def _extract_zip(archive: Path, target: Path) -> Path:
-    """Extract only the files a model folder needs, refusing path tricks and pickles."""
-    target.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(archive) as zf:
-        members = [info for info in zf.infolist() if not info.is_dir()]
-        names = [Path(info.filename).name for info in members]
-        if "model.safetensors" not in names:
-            pickled = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
-            hint = f" (found {pickled[0]}: pickle checkpoints are refused)" if pickled else ""
-            raise CheckpointError(f"zip holds no model.safetensors{hint}")
-        for info in members:
-            name = Path(info.filename).name
-            if name in ("model.safetensors", "config.json"):
-                with zf.open(info) as src, (target / name).open("wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
+@dataclass(frozen=True)
+class UploadLimits:
+    """Bounds on what an upload may make the server unpack or parse (``Settings`` holds the configured values)."""
+
+    # total uncompressed size a zipped checkpoint may declare, and may expand to when extracted
+    max_uncompressed_bytes: int = 2 * 2**30
+    # entries in a zip's directory (a model folder has a few dozen at most)
+    max_zip_members: int = 1000
+    # a JSON file read whole into memory (config.json)
+    max_json_bytes: int = MAX_CONFIG_JSON_BYTES
+
+
+ZIP_MEMBERS_NEEDED = ("model.safetensors", "config.json")
+ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, EOFError, zlib.error)
+
+
+def extract_checkpoint_zip(archive: Path, target: Path, limits: UploadLimits) -> Path:
+    """Unpack the two files a model folder needs (``model.safetensors``, optional ``config.json``) into ``target``.
+
+    The zip's directory is checked before anything is written: entry count, total declared size, one obvious
+    candidate per file. While extracting, bytes are counted, so a member that lies about its size is cut off at
+    the declared size or the limit. Only those two names are written, so no path inside the archive can escape.
+    """
+    try:
+        with archive.open("rb") as handle:
+            # the end record's entry count, read before the directory itself is parsed into memory
+            end = zipfile._EndRecData(handle)
+        if end is not None and end[zipfile._ECD_ENTRIES_TOTAL] > limits.max_zip_members:
+            raise _too_many_members(end[zipfile._ECD_ENTRIES_TOTAL], limits)
+        with zipfile.ZipFile(archive) as zf:
+            members = zf.infolist()
+            if len(members) > limits.max_zip_members:
+                raise _too_many_members(len(members), limits)
+            declared = sum(info.file_size for info in members)
+            if declared > limits.max_uncompressed_bytes:
+                raise CheckpointError(
+                    f"the zip declares {declared} bytes uncompressed, over max_uncompressed_bytes="
+                    f"{limits.max_uncompressed_bytes}",
+                )
+            chosen = _choose_members(members)
+            target.mkdir(parents=True, exist_ok=True)
+            budget = limits.max_uncompressed_bytes
+            for name, info in chosen.items():
+                cap = min(info.file_size, limits.max_json_bytes) if name == "config.json" else info.file_size
+                if info.file_size > cap:
+                    raise CheckpointError(
+                        f"{name} in the zip is {info.file_size} bytes, over max_json_bytes={limits.max_json_bytes}",
+                    )
+                with zf.open(info) as source, (target / name).open("wb") as sink:
+                    budget -= _copy_counted(source, sink, name, min(cap, budget), limits)
+    except ZIP_ERRORS as exc:
+        shutil.rmtree(target, ignore_errors=True)
+        raise CheckpointError(f"not a readable zip archive ({type(exc).__name__}: {exc})") from None
+    except CheckpointError:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
     return target
+
+
+def _too_many_members(count: int, limits: UploadLimits) -> CheckpointError:
+    return CheckpointError(f"the zip holds {count} entries, over max_zip_members={limits.max_zip_members}")
+
+
+def _choose_members(members: list[zipfile.ZipInfo]) -> dict[str, zipfile.ZipInfo]:
+    """The shallowest entry of each needed file name; two at the same depth are ambiguous."""
+    chosen: dict[str, zipfile.ZipInfo] = {}
+    for name in ZIP_MEMBERS_NEEDED:
+        candidates = [info for info in members if not info.is_dir() and PurePosixPath(info.filename).name == name]
+        if not candidates:
+            continue
+        depth = min(len(PurePosixPath(info.filename).parts) for info in candidates)
+        shallowest = [info for info in candidates if len(PurePosixPath(info.filename).parts) == depth]
+        if len(shallowest) > 1:
+            raise CheckpointError(f"the zip holds {len(shallowest)} files named {name} at the same level")
+        chosen[name] = shallowest[0]
+    if "model.safetensors" not in chosen:
+        pickled = [info.filename for info in members if info.filename.lower().endswith(PICKLE_SUFFIXES)]
+        hint = f" (found {PurePosixPath(pickled[0]).name}: pickle checkpoints are refused)" if pickled else ""
+        raise CheckpointError(f"the zip holds no model.safetensors{hint}")
+    return chosen
+
+
+def _copy_counted(source: IO[bytes], sink: IO[bytes], name: str, allowed: int, limits: UploadLimits) -> int:
+    """Copy at most ``allowed`` bytes; a member that yields more is refused, whatever its header said."""
+    written = 0
+    while block := source.read(1 << 20):
+        written += len(block)
+        if written > allowed:
+            raise CheckpointError(
+                f"{name} in the zip expands beyond its declared size or the limits "
+                f"(max_uncompressed_bytes={limits.max_uncompressed_bytes}, max_json_bytes={limits.max_json_bytes})",
+            )
+        sink.write(block)
+    return written
 
 
 def split_for_base(checkpoint: Checkpoint, base: BaseModel) -> Checkpoint:

@@ -27,7 +27,7 @@ from app.core.store import LocalTaskStore
 from app.grafting.base import BaseModel, load_base
 from app.jobs.context import JobContext
 from app.jobs.errors import InvalidUpload, JobNotFound, QueueUnavailable, TaskExists, UnsupportedUpload
-from app.jobs.inputs import UploadError, UploadLimits, UploadPaths, load_job_inputs
+from app.jobs.inputs import UploadError, UploadPaths, load_job_inputs, upload_limits
 from app.jobs.models import JobRecord, JobState, StitchSpec, TaskSpec, job_id_for, stitch_job_id
 from app.jobs.runner import InProcessRunner, JobRunner, RQRunner
 from app.jobs.stitching import StitchedModels
@@ -145,7 +145,7 @@ class JobService:
     def _validate_upload(self, staging: Staging, spec: TaskSpec) -> None:
         (staging.folder / "spec.json").write_text(spec.model_dump_json())
         try:
-            limits = UploadLimits.from_settings(self.settings)
+            limits = upload_limits(self.settings)
             load_job_inputs(UploadPaths(staging.folder), spec, self.base, staging.folder / "extracted", limits)
         except UploadError as exc:
             error = UnsupportedUpload if "pickle" in exc.message else InvalidUpload
@@ -253,7 +253,9 @@ class JobService:
         except ServiceError:
             raise
         except (ConnectionError, OSError) as exc:
-            raise QueueUnavailable(f"the job store is unavailable: {exc}") from exc
+            # strerror, not str(exc): an OSError's text names the file, and clients never see server paths
+            reason = exc.strerror or type(exc).__name__
+            raise QueueUnavailable(f"the job store is unavailable: {reason}") from exc
         except Exception as exc:
             if type(exc).__module__.startswith("redis"):
                 raise QueueUnavailable(f"the job store (Redis) is unavailable: {exc}") from exc

@@ -11,18 +11,16 @@ from fastapi.responses import FileResponse
 
 from app.api.deps import ServiceDep, TaskName
 from app.api.errors import responses
-from app.api.limits import ascii_int
 from app.api.schemas import TaskPublic, TasksPublic
-from app.core.errors import LimitExceeded, TaskUnusable
+from app.core.errors import TaskUnusable
 from app.engine.service import TaskInfo
+from app.grafting.checkpoint import looks_pickled
 from app.jobs.errors import UnsupportedUpload
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 # A pickle (protocol 2+) starts with PROTO and its version; torch.save writes a zip. A safetensors file starts with
 # an 8-byte header length followed by "{", which tells it apart from both even when its first byte is 0x80.
-PICKLE_PROTOCOLS = {bytes([0x80, version]) for version in range(2, 6)}
-ZIP_MAGIC = b"PK\x03\x04"
 
 PATCH_BODY: dict[str, Any] = {
     "requestBody": {
@@ -103,18 +101,9 @@ async def delete_task(service: ServiceDep, name: TaskName) -> Response:
     responses={201: {"model": TaskPublic, "description": "Task created"}, **responses(400, 409, 413, 415, 422, 503)},
 )
 async def put_patch(service: ServiceDep, name: TaskName, request: Request, response: Response) -> TaskPublic:
-    limit = service.limits.max_patch_bytes
-    declared = ascii_int(request.headers.get("content-length"))
-    if declared is not None and declared > limit:
-        raise LimitExceeded(f"patch of {declared} bytes exceeds max_patch_bytes={limit}")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise LimitExceeded(f"patch exceeds max_patch_bytes={limit}")
-        chunks.append(chunk)
-    data = b"".join(chunks)
+    # the body-size middleware has already cut off anything over max_patch_bytes (declared or streamed); the
+    # service checks the size again for callers that are not HTTP
+    data = await request.body()
     if looks_pickled(data):
         raise UnsupportedUpload("patch", "looks like a pickle or torch.save file; patches are safetensors only")
     info, created = await run_in_threadpool(service.put_patch, name, data)
@@ -139,10 +128,3 @@ async def get_patch(service: ServiceDep, name: TaskName) -> FileResponse:
         filename=f"{name}.safetensors",
         headers={"ETag": f'"{stored.etag}"'},
     )
-
-
-def looks_pickled(data: bytes) -> bool:
-    """Whether ``data`` is a pickle or a torch.save archive rather than a safetensors file (never unpickled)."""
-    if data[8:9] == b"{":
-        return False
-    return data[:2] in PICKLE_PROTOCOLS or data[:4] == ZIP_MAGIC
