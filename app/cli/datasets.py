@@ -14,5 +14,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     for name, info in sorted(REGISTRY.items()):
-        print(f"{name:20s} {len(info.labels)} labels  template {info.template!r:36s} {info.description}")
+        print(f"{name:20s} {len(info.labels)} labels  {info.description}")
+        print(f"{'':20s}   encoder prompt {info.template!r} → {', '.join(info.label_words)}")
+        print(f"{'':20s}   decoder prompt {info.decoder_template!r} → {', '.join(info.decoder_label_words)}")
     return 0

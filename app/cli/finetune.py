@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from pathlib import Path
 
 from app.cli.common import (
     ProgressBar,
@@ -16,6 +17,7 @@ from app.cli.common import (
 from app.cli.overlap import add_task_source_options, resolve_patches
 from app.grafting.base import load_base
 from app.grafting.checkpoint import save_checkpoint
+from app.grafting.data import write_user_data
 from app.grafting.finetune import FinetuneConfig, finetune
 from app.grafting.heads import default_classifier_kind
 from app.grafting.patch import GraftPatch, grafted
@@ -80,5 +82,8 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
     record = {**result.training_record(), "dataset": args.dataset, "k": args.k, **protected}
     save_checkpoint(args.out, base, result.body, spec, result.head, training=record)
+    # the examples it was trained and chosen on, so `skillgraft submit --train/--dev` can hand the same to a server
+    write_user_data(Path(args.out) / "train.jsonl", data.train, spec.labels)
+    write_user_data(Path(args.out) / "dev.jsonl", data.dev, spec.labels)
     print_json({"checkpoint": args.out, **result.metrics, **protected})
     return 0

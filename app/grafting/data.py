@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import random
 import sys
@@ -10,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.core.files import atomic_write
 from app.grafting.bounded_json import BoundedJSONError, loads_bounded
 from app.grafting.heads import Example, Family, HeadSpec
 
@@ -345,6 +347,19 @@ def sample_k_shot(
     rng.shuffle(train)
     rng.shuffle(dev)
     return train, dev
+
+
+def write_user_data(path: str | Path, examples: Sequence[Example], labels: Sequence[str]) -> Path:
+    """Write examples as JSONL in the format ``read_user_data`` reads (``text``, ``text_pair``?, label name)."""
+    rows = []
+    for example in examples:
+        row: dict[str, object] = {"text": example.text, "label": labels[example.label]}
+        if example.text_pair is not None:
+            row["text_pair"] = example.text_pair
+        rows.append(json.dumps(row, ensure_ascii=False))
+    target = Path(path)
+    atomic_write(target, lambda tmp: tmp.write_text("\n".join(rows) + "\n", encoding="utf-8"))
+    return target
 
 
 def read_user_data(path: str | Path, labels: Sequence[str] | None = None) -> tuple[list[Example], tuple[str, ...]]:
