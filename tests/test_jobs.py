@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from app.grafting.checkpoint import save_checkpoint
 from app.grafting.localize import LocalizeConfig
 from app.grafting.patch import load_patch, validate_patch
 from app.jobs.context import JobContext
-from app.jobs.errors import InvalidUpload, TaskExists, UnsupportedUpload
+from app.jobs.errors import CheckpointFromOtherBase, InvalidUpload, TaskExists, UnsupportedUpload
 from app.jobs.models import JobRecord, JobState, TaskSpec
 from app.jobs.runner import InProcessRunner
 from app.jobs.service import JobService, build_job_service, connect_redis
@@ -293,3 +294,17 @@ def test_a_learned_job_with_default_settings_finds_the_planted_skill(tiny_base_d
     assert learned_entries != topk_entries and learned_entries - topk_entries <= planted
     assert learned.metrics["acc_graft"] >= topk.metrics["acc_graft"]
     assert learned.metrics["acc_graft"] == 1.0 and topk.metrics["acc_graft"] < 1.0
+
+
+def test_a_checkpoint_from_another_base_is_a_409_naming_both(
+    service: JobService, tiny_base: BaseModel, tmp_path: Path
+) -> None:
+    folder = tmp_path / "other"
+    write_checkpoint(tiny_base, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["skillgraft"]["base_fingerprint"] = "sha256:" + "ab" * 32
+    (folder / "config.json").write_text(json.dumps(config))
+    archive = shutil.make_archive(str(tmp_path / "other"), "zip", folder)
+    with pytest.raises(CheckpointFromOtherBase, match="sha256:abab.*this server runs sha256:"):
+        service.submit(stage(service, Path(archive), jsonl(), checkpoint_name="checkpoint.zip"), spec())
+    assert leftovers(service) == []

@@ -34,7 +34,14 @@ from app.core.errors import (
 )
 from app.grafting.heads import HeadError
 from app.grafting.patch import BaseMismatchError, PatchError
-from app.jobs.errors import InvalidUpload, JobNotFound, QueueUnavailable, TaskExists, UnsupportedUpload
+from app.jobs.errors import (
+    CheckpointFromOtherBase,
+    InvalidUpload,
+    JobNotFound,
+    QueueUnavailable,
+    TaskExists,
+    UnsupportedUpload,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +62,7 @@ STATUS: dict[type[Exception], int] = {
     JobNotFound: 404,
     TaskExists: 409,
     UnsupportedUpload: 415,
+    CheckpointFromOtherBase: 409,
     InvalidUpload: 422,
     QueueUnavailable: 503,
     InvalidTaskName: 422,

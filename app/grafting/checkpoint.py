@@ -56,6 +56,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used with this base; the message names the problem."""
 
 
+class PickledCheckpoint(CheckpointError):
+    """A pickle or torch.save checkpoint: refused outright, never opened."""
+
+
 class CheckpointBaseMismatch(CheckpointError):
     """A well-formed checkpoint fine-tuned from another base: localizing it against this one would graft the
     difference between two pretrained models, not a skill."""
@@ -122,11 +126,11 @@ def looks_pickled(data: bytes) -> bool:
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise CheckpointError(f"{path.name}: pickle checkpoints are refused; upload safetensors")
+        raise PickledCheckpoint(f"{path.name}: pickle checkpoints are refused; upload safetensors")
     with path.open("rb") as handle:
         magic = handle.read(9)
     if looks_pickled(magic):
-        raise CheckpointError(f"{path.name}: looks like a pickle/torch.save archive; upload safetensors")
+        raise PickledCheckpoint(f"{path.name}: looks like a pickle/torch.save archive; upload safetensors")
     try:
         with safe_open(str(path), framework="pt") as handle:
             return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
@@ -179,8 +183,11 @@ def load_checkpoint(
         weights = source / "model.safetensors"
         if not weights.is_file():
             pickled = [p.name for p in source.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
-            hint = f" (found {pickled[0]}: pickle checkpoints are refused)" if pickled else ""
-            raise CheckpointError(f"checkpoint folder has no model.safetensors{hint}")
+            if pickled:
+                raise PickledCheckpoint(
+                    f"checkpoint folder has no model.safetensors (found {pickled[0]}: pickle checkpoints are refused)"
+                )
+            raise CheckpointError("checkpoint folder has no model.safetensors")
         if (source / "config.json").is_file():
             config = read_config_json(source / "config.json", limits.max_json_bytes)
     elif source.is_file():
@@ -190,8 +197,9 @@ def load_checkpoint(
             config = read_config_json(sidecar, limits.max_json_bytes)
     else:
         raise CheckpointError(f"checkpoint {source} not found")
+    tensors = read_safetensors(weights)
     try:
-        state = normalize_state_dict(read_safetensors(weights))
+        state = normalize_state_dict(tensors)
     except ValueError as exc:
         raise CheckpointError(str(exc)) from exc
     return Checkpoint(body=state, head={}, config=config, sha256=sha256_file(weights))
@@ -274,8 +282,12 @@ def _choose_members(members: list[zipfile.ZipInfo]) -> dict[str, zipfile.ZipInfo
         chosen[name] = shallowest[0]
     if "model.safetensors" not in chosen:
         pickled = [info.filename for info in members if info.filename.lower().endswith(PICKLE_SUFFIXES)]
-        hint = f" (found {PurePosixPath(pickled[0]).name}: pickle checkpoints are refused)" if pickled else ""
-        raise CheckpointError(f"the zip holds no model.safetensors{hint}")
+        if pickled:
+            name = PurePosixPath(pickled[0]).name
+            raise PickledCheckpoint(
+                f"the zip holds no model.safetensors (found {name}: pickle checkpoints are refused)"
+            )
+        raise CheckpointError("the zip holds no model.safetensors")
     return chosen
 
 

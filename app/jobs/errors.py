@@ -32,6 +32,12 @@ class UnsupportedUpload(InvalidUpload):
     code = "unsupported_upload"
 
 
+class CheckpointFromOtherBase(InvalidUpload):
+    """A checkpoint fine-tuned from another base model (its declared fingerprint, or its frozen tensors, differ)."""
+
+    code = "base_mismatch"
+
+
 class QueueUnavailable(ServiceError):
     """The job queue (Redis) cannot be reached: submissions fail cleanly, serving goes on."""
 

@@ -26,7 +26,14 @@ from app.core.errors import LimitExceeded, Overloaded, ServiceError, TaskNotFoun
 from app.core.store import LocalTaskStore
 from app.grafting.base import BaseModel, load_base
 from app.jobs.context import JobContext
-from app.jobs.errors import InvalidUpload, JobNotFound, QueueUnavailable, TaskExists, UnsupportedUpload
+from app.jobs.errors import (
+    CheckpointFromOtherBase,
+    InvalidUpload,
+    JobNotFound,
+    QueueUnavailable,
+    TaskExists,
+    UnsupportedUpload,
+)
 from app.jobs.inputs import UploadError, UploadPaths, load_job_inputs, upload_limits
 from app.jobs.models import JobRecord, JobState, StitchSpec, TaskSpec, job_id_for, stitch_job_id
 from app.jobs.runner import InProcessRunner, JobRunner, RQRunner
@@ -86,6 +93,10 @@ class JobRequest:
     validate: Callable[[], None] = _nothing
     # moves the job's inputs to where its runner reads them, under the claim, just before the record is stored
     place_inputs: Callable[[], None] = _nothing
+
+
+# How each kind of refused upload is answered (the HTTP status of each type: app.api.errors).
+UPLOAD_ERRORS: dict[str, type[InvalidUpload]] = {"pickled": UnsupportedUpload, "other_base": CheckpointFromOtherBase}
 
 
 class JobService:
@@ -148,7 +159,7 @@ class JobService:
             limits = upload_limits(self.settings)
             load_job_inputs(UploadPaths(staging.folder), spec, self.base, staging.folder / "extracted", limits)
         except UploadError as exc:
-            error = UnsupportedUpload if "pickle" in exc.message else InvalidUpload
+            error = UPLOAD_ERRORS.get(exc.problem, InvalidUpload)
             raise error(exc.field, exc.message) from exc
         shutil.rmtree(staging.folder / "extracted", ignore_errors=True)
 
