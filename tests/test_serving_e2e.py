@@ -102,4 +102,4 @@ def test_bad_settings_fail_at_start_naming_the_setting(
     assert "SKILLGRAFT_MAX_BATCH_SIZE" in capsys.readouterr().err
     monkeypatch.delenv("SKILLGRAFT_MAX_BATCH_SIZE")
     assert main(["serve", "--base-model", str(tmp_path / "nowhere")]) == 2
-    assert "not a transformers model folder" in capsys.readouterr().err
+    assert "is not a packaged base" in capsys.readouterr().err
