@@ -8,7 +8,7 @@ import torch
 from app.grafting.base import BaseModel
 from app.grafting.checkpoint import Checkpoint, CheckpointBaseMismatch, check_same_base, split_for_base
 from app.grafting.evaluate import relative_gain
-from app.grafting.heads import Example
+from app.grafting.heads import Example, HeadSpec, init_classifier_head
 from app.grafting.localize import LocalizeConfig
 from app.grafting.pipeline import MIN_HELD_OUT, graft, split_for_evaluation
 from tests.utils.tiny import random_finetune, tiny_prompt_spec
@@ -68,3 +68,27 @@ def test_a_checkpoint_from_another_base_is_refused(tiny_base: BaseModel) -> None
     other["embeddings.word_embeddings.weight"] = torch.randn_like(body["embeddings.word_embeddings.weight"])
     with pytest.raises(CheckpointBaseMismatch, match="embeddings.word_embeddings.weight"):
         split_for_base(Checkpoint(body=other, head={}), tiny_base)
+
+
+def test_the_pretrained_head_is_drawn_with_the_checkpoints_seed(
+    tiny_base: BaseModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Classifier mode scores θ_pre with the head fine-tuning started from: the checkpoint's seed, not 0."""
+    import app.grafting.pipeline as pipeline
+
+    seen: list[int] = []
+    real = pipeline.Evaluator
+
+    def recording(*args: object, **kwargs: object) -> object:
+        seen.append(int(kwargs["head_seed"]))  # type: ignore[arg-type]
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipeline, "Evaluator", recording)
+    spec = HeadSpec("classifier", ("a", "b"), classifier_kind="bert-pooler")
+    head = init_classifier_head("bert-pooler", 2, tiny_base.hidden_size, tiny_base.extra_weights, 7)
+    config = {"skillgraft": {"training": {"seed": 7}}}
+    checkpoint = Checkpoint(body=random_finetune(tiny_base, seed=5), head=head, config=config)
+    assert checkpoint.head_seed == 7
+    splits = split_for_evaluation(examples(10), examples(4, 100))
+    graft(tiny_base, checkpoint, spec, splits, LocalizeConfig(method="topk", sparsity=1e-3), task="seeded")
+    assert seen == [7]

@@ -17,7 +17,7 @@ from typing import Any
 from app.cli.common import ProgressBar, add_base_options, add_data_options, print_json, task_data_from
 from app.core.files import atomic_write
 from app.grafting.base import BaseModel, EligibleRule, load_base
-from app.grafting.checkpoint import Checkpoint, head_spec_or_error, load_checkpoint, split_for_base
+from app.grafting.checkpoint import Checkpoint, load_checkpoint, resolve_head, split_for_base
 from app.grafting.data import TaskData
 from app.grafting.evaluate import Evaluator, mask_breakdown, mask_counts
 from app.grafting.heads import Example, HeadSpec
@@ -80,7 +80,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 def _load(args: argparse.Namespace) -> tuple[BaseModel, Checkpoint, HeadSpec, TaskData]:
     base = load_base(args.base_model, args.device)
     checkpoint = split_for_base(load_checkpoint(args.checkpoint), base)
-    spec = head_spec_or_error(checkpoint, base.model_type)
+    spec = resolve_head(checkpoint, base.model_type)
     data = task_data_from(args)
     if tuple(data.labels) != tuple(spec.labels) and len(data.labels) != spec.num_labels:
         raise ValueError(f"the data has labels {list(data.labels)}, the checkpoint {list(spec.labels)}")

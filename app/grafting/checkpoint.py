@@ -425,11 +425,64 @@ def _classifier_architecture(model_type: str) -> str:
     }.get(model_type, "AutoModelForSequenceClassification")
 
 
-def head_spec_or_error(checkpoint: Checkpoint, model_type: str) -> HeadSpec:
+@dataclass(frozen=True)
+class HeadOverrides:
+    """Head fields a caller states (a job's spec, CLI flags); unset fields come from the checkpoint or the data."""
+
+    mode: str | None = None
+    labels: tuple[str, ...] | None = None
+    template: str | None = None
+    label_words: tuple[str, ...] | None = None
+
+
+class HeadResolutionError(CheckpointError):
+    """No usable head from what was stated and what the checkpoint declares; ``field`` names the part at fault
+    (``spec``: the stated fields, ``checkpoint``: its tensors or config)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def resolve_head(
+    checkpoint: Checkpoint,
+    model_type: str,
+    overrides: HeadOverrides | None = None,
+    data_labels: tuple[str, ...] = (),
+) -> HeadSpec:
+    """The task's head, the one rule for the CLI and the jobs: stated fields first, then what the checkpoint
+    declares (its ``skillgraft`` block or transformers' labels), then the data's labels."""
+    stated = overrides or HeadOverrides()
     try:
-        spec = checkpoint.head_spec(model_type)
-    except (HeadError, KeyError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint head description is malformed: {exc}") from exc
-    if spec is None:
-        raise CheckpointError("checkpoint does not say its labels/head: give a task spec")
-    return spec
+        declared = checkpoint.head_spec(model_type)
+    except (HeadError, KeyError, ValueError, TypeError, IndexError) as exc:
+        raise HeadResolutionError("checkpoint", f"config.json: its head description is malformed: {exc}") from exc
+    mode = stated.mode or (declared.mode if declared else ("classifier" if checkpoint.head else "prompt"))
+    labels = tuple(stated.labels or (declared.labels if declared else data_labels))
+    try:
+        if mode == "prompt":
+            if checkpoint.head:
+                raise HeadResolutionError("spec", "prompt mode, but the checkpoint carries classifier head tensors")
+            from_checkpoint = declared if declared and declared.mode == "prompt" else None
+            template = stated.template or (from_checkpoint.template if from_checkpoint else None)
+            words = stated.label_words or (from_checkpoint.label_words if from_checkpoint else None)
+            if not template or not words:
+                raise HeadResolutionError(
+                    "spec", "prompt mode needs 'template' and 'label_words' (or a checkpoint that declares them)"
+                )
+            return HeadSpec("prompt", labels, template, tuple(words))
+        kind = detect_classifier_kind(list(checkpoint.head))
+        if kind is None:
+            raise HeadResolutionError(
+                "checkpoint",
+                "classifier mode, but the checkpoint has no classifier head "
+                f"(expected e.g. {default_classifier_kind(model_type)} tensors)",
+            )
+        rows = checkpoint.head.get("classifier.weight", checkpoint.head.get("classifier.out_proj.weight"))
+        if rows is not None and rows.shape[0] != len(labels):
+            raise HeadResolutionError(
+                "spec", f"the classifier head has {rows.shape[0]} outputs, but {len(labels)} labels"
+            )
+        return HeadSpec("classifier", labels, classifier_kind=kind)
+    except HeadError as exc:
+        raise HeadResolutionError("spec", str(exc)) from exc

@@ -16,9 +16,12 @@ from app.grafting.checkpoint import (
     Checkpoint,
     CheckpointBaseMismatch,
     CheckpointError,
+    HeadOverrides,
+    HeadResolutionError,
     PickledCheckpoint,
     UploadLimits,
     load_checkpoint,
+    resolve_head,
     split_for_base,
 )
 from app.grafting.data import DataError, read_user_data
@@ -27,8 +30,6 @@ from app.grafting.heads import (
     HeadError,
     HeadSpec,
     TaskModel,
-    default_classifier_kind,
-    detect_classifier_kind,
 )
 from app.jobs.models import TaskSpec
 
@@ -83,47 +84,13 @@ def upload_limits(settings: Settings) -> UploadLimits:
     return UploadLimits(settings.max_uncompressed_bytes, settings.max_zip_members, settings.max_json_bytes)
 
 
-def declared_head(checkpoint: Checkpoint, model_type: str) -> HeadSpec | None:
-    """The head the checkpoint's config declares, if any; a malformed declaration is an upload error."""
+def declared_labels(checkpoint: Checkpoint, model_type: str) -> tuple[str, ...] | None:
+    """The labels the checkpoint's config declares, if any; a malformed declaration is an upload error."""
     try:
-        return checkpoint.head_spec(model_type)
+        declared = checkpoint.head_spec(model_type)
     except (HeadError, KeyError, ValueError, TypeError, IndexError) as exc:
         raise UploadError("checkpoint", f"config.json: its head description is malformed: {exc}") from exc
-
-
-def resolve_head(
-    spec: TaskSpec,
-    checkpoint: Checkpoint,
-    declared: HeadSpec | None,
-    data_labels: tuple[str, ...],
-    model_type: str,
-) -> HeadSpec:
-    """The task's head: the spec's fields first, then what the checkpoint declares, then the data's labels."""
-    mode = spec.mode or (declared.mode if declared else ("classifier" if checkpoint.head else "prompt"))
-    labels = tuple(spec.labels or (declared.labels if declared else data_labels))
-    try:
-        if mode == "prompt":
-            if checkpoint.head:
-                raise UploadError("spec", "prompt mode, but the checkpoint carries classifier head tensors")
-            template = spec.template or (declared.template if declared and declared.mode == "prompt" else None)
-            words = spec.label_words or (declared.label_words if declared and declared.mode == "prompt" else None)
-            if not template or not words:
-                raise UploadError("spec", "prompt mode needs 'template' and 'label_words' (or a checkpoint with them)")
-            return HeadSpec("prompt", labels, template, tuple(words))
-        kind = detect_classifier_kind(list(checkpoint.head))
-        if kind is None:
-            raise UploadError(
-                "checkpoint",
-                "classifier mode, but the checkpoint has no classifier head "
-                f"(expected e.g. {default_classifier_kind(model_type)} tensors)",
-            )
-        rows = checkpoint.head.get("classifier.weight", checkpoint.head.get("classifier.out_proj.weight"))
-        if rows is not None and rows.shape[0] != len(labels):
-            raise UploadError("spec", f"the classifier head has {rows.shape[0]} outputs, but {len(labels)} labels")
-        # Keep only the tensors of the detected kind (a BERT checkpoint may also hold unused extras).
-        return HeadSpec("classifier", labels, classifier_kind=kind)
-    except HeadError as exc:
-        raise UploadError("spec", str(exc)) from exc
+    return declared.labels if declared else None
 
 
 def load_job_inputs(
@@ -149,13 +116,22 @@ def load_job_inputs(
     train_path = paths.data("train")
     if train_path is None:
         raise UploadError("train", "training data is missing")
-    declared = declared_head(checkpoint, base.model_type)
-    known_labels = spec.labels or (list(declared.labels) if declared else None)
+    declared = declared_labels(checkpoint, base.model_type)
+    known_labels = spec.labels or (list(declared) if declared else None)
     try:
         train, data_labels = read_user_data(train_path, known_labels)
     except DataError as exc:
         raise UploadError("train", str(exc)) from exc
-    head = resolve_head(spec, checkpoint, declared, data_labels, base.model_type)
+    stated = HeadOverrides(
+        spec.mode,
+        tuple(spec.labels) if spec.labels else None,
+        spec.template,
+        tuple(spec.label_words) if spec.label_words else None,
+    )
+    try:
+        head = resolve_head(checkpoint, base.model_type, stated, data_labels)
+    except HeadResolutionError as exc:
+        raise UploadError(exc.field, str(exc)) from exc
     if known_labels is None and head.labels != data_labels:
         train, _ = read_user_data(train_path, head.labels)
     dev: list[Example] = []
