@@ -15,10 +15,9 @@ from app.engine.service import TextInput
 from app.grafting.base import BaseModel, EligibleRule, eligible_size, load_base
 from app.grafting.checkpoint import save_checkpoint
 from app.grafting.heads import HeadSpec
-from app.grafting.patch import patch_to_bytes
 from app.jobs.models import JobState, TaskSpec
 from app.jobs.service import build_job_service
-from tests.utils.serving import TEXTS, Reference, checksum, make_service
+from tests.utils.serving import TEXTS, Reference, assert_swap_and_mixed_match, make_service
 from tests.utils.tiny import make_patch, random_finetune
 from tests.utils.uploads import jsonl, stage
 
@@ -42,30 +41,9 @@ def test_the_default_base_is_smollm2_loaded_from_its_cache(smollm2: BaseModel) -
 
 
 def test_smollm2_swap_and_mixed_match_the_materialized_graft(smollm2: BaseModel, tmp_path: Path) -> None:
-    before = checksum(smollm2)
     patches = [make_patch(smollm2, "smol-a", "prompt", 1e-4, seed=1), make_patch(smollm2, "smol-c", "classifier", 1e-4)]
-    references = {p.task: Reference(smollm2, p).logits(TEXTS) for p in patches}
-    inputs = [TextInput(t) for t in TEXTS]
-    for policy in ("swap", "mixed"):
-        service = make_service(smollm2, tmp_path / policy, policy=policy)
-        try:
-            for patch in patches:
-                service.put_patch(patch.task, patch_to_bytes(patch))
-            if policy == "swap":
-                for patch in patches:
-                    rows, _ = service.prepare([patch.task], inputs)
-                    assert torch.equal(torch.stack(service.engine.run(rows, timeout=300)), references[patch.task])
-            else:
-                rows, _ = service.prepare([p.task for p in patches], inputs)
-                logits = service.engine.run(rows, timeout=300)
-                assert service.engine.stats.mixed_batches == 1
-                for i, patch in enumerate(patches):
-                    got = torch.stack(logits[i * len(TEXTS) : (i + 1) * len(TEXTS)])
-                    # logits of magnitude ~20 after 30 float32 layers: a few ulps of rounding, relative
-                    torch.testing.assert_close(got, references[patch.task], rtol=1e-6, atol=1e-5)
-        finally:
-            service.close()
-    assert checksum(smollm2) == before
+    # logits of magnitude ~20 after 30 float32 layers: a few ulps of rounding, relative
+    assert_swap_and_mixed_match(smollm2, patches, tmp_path, rtol=1e-6, atol=1e-5)
 
 
 def test_smollm2_upload_job_and_classify(smollm2: BaseModel, tmp_path: Path) -> None:

@@ -59,3 +59,35 @@ def checksum(base: BaseModel) -> str:
 def make_service(base: BaseModel, store_dir: Path, cache_bytes: int = 64 * 2**20, **engine: object) -> InferenceService:
     config = EngineConfig(**{"max_batch_size": 64, "max_batch_wait_ms": 2.0, **engine})  # type: ignore[arg-type]
     return InferenceService.for_directory(base, store_dir, ServiceLimits(), config, cache_bytes, 128)
+
+
+def assert_swap_and_mixed_match(
+    base: BaseModel, patches: Sequence[GraftPatch], store_dir: Path, rtol: float, atol: float, timeout: float = 300
+) -> None:
+    """Through the service: each patch swapped in alone gives the materialized graft's logits bit for bit; all
+    of them in one mixed batch give them within (rtol, atol); and the base comes back unchanged."""
+    from app.engine.service import TextInput
+    from app.grafting.patch import patch_to_bytes
+
+    before = checksum(base)
+    references = {p.task: Reference(base, p).logits(TEXTS) for p in patches}
+    inputs = [TextInput(t) for t in TEXTS]
+    for policy in ("swap", "mixed"):
+        service = make_service(base, store_dir / policy, policy=policy)
+        try:
+            for patch in patches:
+                service.put_patch(patch.task, patch_to_bytes(patch))
+            if policy == "swap":
+                for patch in patches:
+                    rows, _ = service.prepare([patch.task], inputs)
+                    assert torch.equal(torch.stack(service.engine.run(rows, timeout=timeout)), references[patch.task])
+            else:
+                rows, _ = service.prepare([p.task for p in patches], inputs)
+                logits = service.engine.run(rows, timeout=timeout)
+                assert service.engine.stats.mixed_batches == 1
+                for i, patch in enumerate(patches):
+                    got = torch.stack(logits[i * len(TEXTS) : (i + 1) * len(TEXTS)])
+                    torch.testing.assert_close(got, references[patch.task], rtol=rtol, atol=atol)
+        finally:
+            service.close()
+    assert checksum(base) == before
