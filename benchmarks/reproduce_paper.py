@@ -47,7 +47,8 @@ from app.grafting.checkpoint import Checkpoint  # noqa: E402
 from app.grafting.data import load_dataset, resolve_task_data  # noqa: E402
 from app.grafting.evaluate import Evaluator, swapped_weights  # noqa: E402
 from app.grafting.finetune import FinetuneConfig, finetune  # noqa: E402
-from app.grafting.heads import Example, HeadSpec  # noqa: E402
+from app.grafting.heads import Example, HeadSpec, TaskModel, Tokenization  # noqa: E402
+from app.grafting.inference import accuracy, predict_logits  # noqa: E402
 from app.grafting.localize import METHODS, LocalizeConfig, time_forward_backward  # noqa: E402
 from app.grafting.overlap import mean_off_diagonal, overlap_report  # noqa: E402
 from app.grafting.patch import GraftPatch, load_patch, save_patch  # noqa: E402
@@ -188,27 +189,44 @@ class Checkpointed:
         self.body = self._load_body(choice["chosen"]["key"])
         return choice
 
+    def _ft_key(self, lr: float, chain: Sequence[int]) -> tuple[str, dict[str, Any]]:
+        """Key of the weights after ``chain[-1]`` epochs reached through the epoch counts in ``chain`` (the chunks
+        and their shuffling seeds depend on the chain, so it is part of the key)."""
+        inputs = {
+            "kind": "ft",
+            **self.ident,
+            "lr": lr,
+            "epochs": chain[-1],
+            "chain": list(chain),
+            "defaults": self.settings["finetune_defaults"],
+        }
+        return cell_key(inputs), inputs
+
     def _train_lr(self, lr: float) -> list[dict[str, Any]]:
-        points: list[dict[str, Any]] = []
-        done = 0
-        body: dict[str, torch.Tensor] | None = None
-        for epochs in self.args.ft_epochs:
-            inputs = {
-                "kind": "ft",
-                **self.ident,
-                "lr": lr,
-                "epochs": epochs,
-                "defaults": self.settings["finetune_defaults"],
-            }
-            key = cell_key(inputs)
-            record = self.cache.get("ft", key)
-            if record is not None and self.cache.tensor_path("ft", key).is_file():
-                points.append(record)
-                body, done = None, epochs
-                last_key = key
-                continue
-            if body is None and done:
-                body = self._load_body(last_key)
+        """One SGD run at ``lr`` through the epoch grid, a grid point at each epoch count (plain SGD without
+        momentum keeps no state, so continuing from the previous count's weights is one longer run, with a fresh
+        shuffling seed per chunk). A run whose dev and train accuracy fall to chance (it diverged) stops there."""
+        epochs_grid = self.args.ft_epochs
+        chains = [epochs_grid[: i + 1] for i in range(len(epochs_grid))]
+        keys = [self._ft_key(lr, chain) for chain in chains]
+        records = [self.cache.get("ft", key) for key, _ in keys]
+        # resume after the last grid point whose weights are cached, or after a collapsed one
+        resume = -1
+        for i, record in enumerate(records):
+            if record is None:
+                break
+            if self.cache.tensor_path("ft", keys[i][0]).is_file() or record.get("collapsed"):
+                resume = i
+        points = [r for r in records[: resume + 1] if r is not None]
+        if points and points[-1].get("collapsed"):
+            return points
+        done = epochs_grid[resume] if resume >= 0 else 0
+        body = self._load_body(keys[resume][0]) if resume >= 0 else None
+        chance = 1.0 / len(self.data.labels)
+        pre_dev = self.pre_dev_accuracy()
+        for i in range(resume + 1, len(epochs_grid)):
+            key, inputs = keys[i]
+            epochs = epochs_grid[i]
             config = FinetuneConfig(lr=lr, epochs=epochs - done, seed=self.seed * 1000 + done)
             log(f"{self.task}/seed {self.seed}: fine-tune lr={lr:g} epochs {done}→{epochs}")
             tick = time.perf_counter()
@@ -219,22 +237,43 @@ class Checkpointed:
             live = self.base.parameters
             changed = {n: t for n, t in result.body.items() if not torch.equal(t, live[n].detach())}
             self.cache.put_tensors("ft", key, changed)
+            dev_acc, train_acc = result.metrics.get("dev_accuracy"), result.metrics.get("train_accuracy")
+            # diverged: θ_pre did the task on dev and fine-tuning took dev and train accuracy down to chance
+            collapsed = pre_dev > chance + 0.1 and dev_acc <= chance + 1e-9 and train_acc <= chance + 0.02
             record = {
                 "key": key,
                 **{k: v for k, v in inputs.items() if k != "defaults"},
-                "dev_accuracy": result.metrics.get("dev_accuracy"),
-                "train_accuracy": result.metrics.get("train_accuracy"),
+                "dev_accuracy": dev_acc,
+                "train_accuracy": train_acc,
                 "final_loss": result.metrics.get("final_loss"),
                 "seconds": round(seconds, 1),
                 "continued_from_epochs": done,
+                "pre_dev_accuracy": pre_dev,
+                "collapsed": collapsed,
                 "config": asdict(config),
             }
             self.cache.put("ft", key, record)
-            log(f"  dev acc {record['dev_accuracy']:.3f} train acc {record['train_accuracy']:.3f} ({seconds:.0f}s)")
+            note = " collapsed" if collapsed else ""
+            log(f"  dev acc {dev_acc:.3f} train acc {train_acc:.3f} ({seconds:.0f}s){note}")
             points.append(record)
+            if collapsed:
+                break
             body = {**(body or {}), **changed}
-            done, last_key = epochs, key
+            done = epochs
         return points
+
+    def pre_dev_accuracy(self) -> float:
+        """θ_pre's dev accuracy (cached): tells a diverged fine-tune from one that has not learned yet."""
+        key = cell_key({"kind": "pre-dev", **self.ident})
+        record = self.cache.get("pre", key)
+        if record is None:
+            model = TaskModel(self.base.encoder, self.spec, self.base.tokenizer, None)
+            tokenization = Tokenization(self.base.tokenizer, self.spec, LocalizeConfig().max_length, self.base.family)
+            logits = predict_logits(model, tokenization, tokenization.encode_many(self.data.dev))
+            record = self.cache.put(
+                "pre", key, {"key": key, "dev_accuracy": accuracy(logits, [e.label for e in self.data.dev])}
+            )
+        return record["dev_accuracy"]
 
     def _load_body(self, key: str) -> dict[str, torch.Tensor]:
         changed = self.cache.get_tensors("ft", key)
@@ -509,6 +548,16 @@ def summarise(args: argparse.Namespace, data: dict[str, Any], base: BaseModel | 
                     "mask_fraction": _stats([m.get("mask_fraction") for m in masks]),
                     "wall_seconds": _stats([m.get("wall_seconds") for m in masks]),
                     "cost_ratio": _stats([m.get("cost_ratio") for m in masks]),
+                    "floor_seconds": _stats([m.get("floor_seconds") for m in masks]),
+                    # the gradient steps alone against the floor, and what scoring the rounded masks adds
+                    "gradient_ratio": _stats(
+                        [
+                            m["timings"]["gradient"] / m["floor_seconds"]
+                            for m in masks
+                            if m.get("floor_seconds") and "gradient" in m.get("timings", {})
+                        ]
+                    ),
+                    "scoring_seconds": _stats([m.get("timings", {}).get("scoring") for m in masks]),
                     "best_step": [m.get("best_step") for m in masks],
                 }
     ood = [
@@ -798,16 +847,20 @@ def markdown(args: argparse.Namespace, payload: dict[str, Any]) -> str:
         "",
         "## Fine-tuned checkpoints (chosen on dev)",
         "",
-        "| task | seed | lr | epochs | dev acc (chosen) | grid dev accs | seconds (grid total) |",
-        "|---|---|---|---|---|---|---|",
+        "| task | seed | θ_pre dev acc | lr | epochs | dev acc (chosen) | grid dev accs | seconds (grid total) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for choice in payload["finetune"].values():
         c = choice["chosen"]
-        grid = ", ".join(f"{p['lr']:g}/{p['epochs']}ep {p['dev_accuracy']:.3f}" for p in choice["grid"])
+        grid = ", ".join(
+            f"{p['lr']:g}/{p['epochs']}ep {p['dev_accuracy']:.3f}" + (" (collapsed)" if p.get("collapsed") else "")
+            for p in choice["grid"]
+        )
         total = sum(p["seconds"] for p in choice["grid"])
+        pre = next((p["pre_dev_accuracy"] for p in choice["grid"] if p.get("pre_dev_accuracy") is not None), None)
         lines.append(
-            f"| {c['task']} | {c['seed']} | {c['lr']:g} | {c['epochs']} | {c['dev_accuracy']:.3f} | {grid} "
-            f"| {total:.0f} |"
+            f"| {c['task']} | {c['seed']} | {_fmt(pre, 3)} | {c['lr']:g} | {c['epochs']} | {c['dev_accuracy']:.3f} "
+            f"| {grid} | {total:.0f} |"
         )
     lines += [
         "",
@@ -849,12 +902,17 @@ def markdown(args: argparse.Namespace, payload: dict[str, Any]) -> str:
             "",
             "## Learned-mask cost (wall time vs steps × one forward+backward, same run)",
             "",
-            "| task | size | wall seconds | cost ratio | best step |",
-            "|---|---|---|---|---|",
+            "Floor = steps × one forward+backward over a step's examples (`time_forward_backward`, fastest of 2, "
+            "measured in the same process just before the first learned mask of the checkpoint). The wall time "
+            "includes scoring the rounded mask on train + dev every `score_every` steps, which the floor leaves out.",
+            "",
+            "| task | size | wall s | floor s | wall / floor | gradient steps / floor | scoring s | best step |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for p in learned:
             lines.append(
-                f"| {p['task']} | {p['size']:g} | {_ms(p['wall_seconds'], 0)} | {_ms(p['cost_ratio'])} "
+                f"| {p['task']} | {p['size']:g} | {_ms(p['wall_seconds'], 0)} | {_ms(p.get('floor_seconds'), 0)} "
+                f"| {_ms(p['cost_ratio'])} | {_ms(p.get('gradient_ratio'))} | {_ms(p.get('scoring_seconds'), 0)} "
                 f"| {p['best_step']} |"
             )
     if summary["ood"]:
