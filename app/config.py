@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import unquote, urlparse
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -25,7 +27,33 @@ class Settings(BaseSettings):
         description="Packaged base by short name (smollm2-135m-instruct, all-minilm-l6-v2), a local transformers "
         "folder (BERT/RoBERTa/MPNet encoder or Llama-family decoder) or a Llama-family GGUF file.",
     )
-    store_dir: Path = Field(REPO_ROOT / "models_store", description="Where task patches, jobs and uploads live.")
+    store_dir: Path = Field(
+        REPO_ROOT / "models_store",
+        description="Where task patches, jobs and uploads live; with an s3:// store URL, this machine's own files "
+        "only (patch cache, staging, in-process job records).",
+    )
+    store_url: str | None = Field(
+        None,
+        description="Where tasks, uploads and stitched models live: file:///path (a folder; unset = store_dir) or "
+        "s3://bucket/prefix (an S3-compatible object store; endpoint, region and credentials from AWS_*).",
+    )
+    store_cache_dir: Path | None = Field(
+        None, description="Local cache of patches read from an object store; unset = <store_dir>/cache."
+    )
+    store_cache_bytes: int = Field(
+        2 * 2**30, ge=0, description="Byte budget of the local patch file cache (object store; LRU)."
+    )
+    store_recheck_s: float = Field(
+        2.0,
+        ge=0,
+        le=3600,
+        description="How long an object-store replica trusts what it last saw of a task before asking again (and "
+        "how often it lists the store, the safety net for a missed change notice).",
+    )
+    store_timeout_s: float = Field(30.0, gt=0, le=3600, description="Read timeout of one object-store request.")
+    s3_addressing_style: Literal["auto", "path", "virtual"] = Field(
+        "auto", description="S3 bucket addressing: path suits MinIO and most S3-compatible stores."
+    )
     data_dir: Path | None = Field(None, description="Named datasets folder; unset = ../shared/data beside the repo.")
     device: Literal["cpu", "cuda"] = Field("cpu", description="Where the base model runs.")
     max_batch_size: int = Field(32, ge=1, le=4096, description="Most inputs the engine runs in one forward pass.")
@@ -113,6 +141,7 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"SKILLGRAFT_MAX_QUEUE={self.max_queue} is smaller than SKILLGRAFT_MAX_BATCH_SIZE={self.max_batch_size}"
             )
+        self._check_store_url()
         if self.store_dir.exists() and not self.store_dir.is_dir():
             raise ValueError(f"SKILLGRAFT_STORE_DIR={self.store_dir} exists and is not a directory")
         if self.device == "cuda":
@@ -121,6 +150,33 @@ class Settings(BaseSettings):
             if not torch.cuda.is_available():
                 raise ValueError("SKILLGRAFT_DEVICE=cuda but no CUDA device is available")
         return self
+
+    def _check_store_url(self) -> None:
+        """A file:// URL is another way to set store_dir; an s3:// URL must name a bucket."""
+        url = self.store_url
+        if url is None:
+            return
+        parsed = urlparse(url)
+        if parsed.scheme == "file":
+            if parsed.netloc not in ("", "localhost") or not parsed.path:
+                raise ValueError(f"SKILLGRAFT_STORE_URL={url}: a file URL names a local folder (file:///path)")
+            folder = Path(unquote(parsed.path))
+            if "store_dir" in self.model_fields_set and folder.resolve() != self.store_dir.resolve():
+                raise ValueError(
+                    f"SKILLGRAFT_STORE_URL={url} and SKILLGRAFT_STORE_DIR={self.store_dir} name different folders"
+                )
+            self.store_dir = folder
+        elif parsed.scheme == "s3":
+            bucket = parsed.netloc
+            if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket) or parsed.query or parsed.fragment:
+                raise ValueError(f"SKILLGRAFT_STORE_URL={url}: use s3://bucket/prefix (credentials come from AWS_*)")
+        else:
+            raise ValueError(f"SKILLGRAFT_STORE_URL={url}: use file:///path or s3://bucket/prefix")
+
+    @property
+    def store_location(self) -> str:
+        """The store as a URL, for logs (an s3:// URL never holds credentials)."""
+        return self.store_url if self.store_url and self.store_url.startswith("s3://") else f"file://{self.store_dir}"
 
 
 @lru_cache

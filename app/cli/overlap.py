@@ -10,7 +10,9 @@ import json
 from pathlib import Path
 
 from app.cli.common import add_base_options, print_json
+from app.core.errors import TaskNotFound
 from app.core.files import atomic_write
+from app.core.object_store import open_task_store
 from app.core.store import LocalTaskStore
 from app.grafting.base import BaseModel, load_base
 from app.grafting.overlap import overlap_report
@@ -36,7 +38,7 @@ def resolve_patches(items: str, store_dir: str | None, base: BaseModel) -> dict[
     """Patches by task name from comma-separated store names or patch files, validated against ``base``."""
     from app.config import get_settings
 
-    store = LocalTaskStore(store_dir or get_settings().store_dir)
+    store = LocalTaskStore(store_dir) if store_dir else open_task_store(get_settings())
     patches: dict[str, GraftPatch] = {}
     for item in (part.strip() for part in items.split(",") if part.strip()):
         path = Path(item)
@@ -44,7 +46,10 @@ def resolve_patches(items: str, store_dir: str | None, base: BaseModel) -> dict[
             patch = load_patch(path)
             name = patch.task if patch.task not in patches else path.stem
         else:
-            patch, name = load_patch(store.require(item).path), item
+            stored = store.stat(item)
+            if stored is None:
+                raise TaskNotFound(f"task {item!r} not found")
+            patch, name = load_patch(store.fetch(stored)), item
         validate_for_base(patch, base)
         patch.task = name
         patches[name] = patch

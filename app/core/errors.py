@@ -49,3 +49,10 @@ class InferenceFailed(ServiceError):
     """The forward pass raised; the base weights were restored and the engine keeps serving."""
 
     code = "inference_failed"
+
+
+class StoreUnavailable(ServiceError):
+    """The shared task store (an object store) cannot be reached or refuses us: what this replica has cached keeps
+    serving, anything else waits until it answers again."""
+
+    code = "store_unreachable"

@@ -6,9 +6,13 @@ Policy:
   ask for it at the same moment: the first caller loads it, the others wait on the same future. Loading happens
   in the caller's thread, never in the inference thread, so a slow or bad patch cannot stall the engine, and a
   patch that fails validation never reaches it.
-* **Fresh.** Every lookup compares the stored file's etag (inode, mtime, size) with the cached one, so a patch
-  replaced or added by another process (a job worker) is served on the next request, without a restart; a
-  deleted file makes the task unknown at once.
+* **Fresh.** Every lookup compares the store's etag of the task with the cached one, so a patch replaced or added
+  by another process (a job worker, another replica) is served on the next request, without a restart; a deleted
+  task is unknown at once. The registry never learns which store it reads: a local folder answers ``stat`` from
+  the file (inode, mtime, size), an object store from what it last saw (kept fresh by change notices and
+  re-checks, see ``app.core.store_sync``), and ``fetch`` hands over a local file either way. ``refresh`` is how a
+  change notice reaches the cache: a deleted task is dropped, a replaced one that was being served is reloaded
+  before the next request asks for it.
 * **Bounded.** Cached tasks are kept in least-recently-used order; after each insertion the oldest are evicted
   until the total of their tensor bytes fits ``cache_bytes``. A batch already holding an evicted task finishes with
   it (the reference keeps it alive). A task larger than the whole budget is served but not kept.
@@ -79,6 +83,10 @@ class EngineTask:
         return self.slots, self.indices, self.values, self.slot_counts
 
 
+class _VersionGone(Exception):
+    """The stored version being loaded vanished (replaced or deleted meanwhile): look the task up again."""
+
+
 class TaskRegistry:
     """Tasks by name over a :class:`TaskStore`, cached for the engine (see the module docstring for the policy).
 
@@ -125,6 +133,17 @@ class TaskRegistry:
 
     def get(self, name: str) -> EngineTask:
         """The current version of a task, loading and validating it if needed (blocking: call from a thread)."""
+        try:
+            return self._get(name)
+        except _VersionGone:
+            # the version ``stat`` named was replaced before its bytes were read: ask the store again, once
+            self.store.invalidate(name)
+            try:
+                return self._get(name)
+            except _VersionGone as exc:
+                raise TaskNotFound(f"task {name!r} not found") from exc
+
+    def _get(self, name: str) -> EngineTask:
         stored = self.store.stat(name)
         if stored is None:
             self._forget(name)
@@ -155,7 +174,7 @@ class TaskRegistry:
                 with self._lock:
                     self._failures[name] = (stored.etag, message)
             elif isinstance(exc, FileNotFoundError):
-                error = TaskNotFound(f"task {name!r} not found")
+                error = _VersionGone(name)
             with self._lock:
                 self._loading.pop(key, None)
             pending.set_exception(error)
@@ -169,6 +188,18 @@ class TaskRegistry:
             self._insert(task)
         pending.set_result(task)
         return task
+
+    def refresh(self, name: str) -> None:
+        """A notice said ``name`` changed elsewhere: drop it if it is gone, reload it now if it was being served
+        (so the next request finds the new version ready), leave it alone otherwise."""
+        self.store.invalidate(name)
+        stored = self.store.stat(name)
+        with self._lock:
+            cached = self._cache.get(name)
+        if stored is None:
+            self._forget(name)
+        elif cached is not None and cached.etag != stored.etag:
+            self.get(name)
 
     def is_cached(self, name: str) -> bool:
         with self._lock:
@@ -243,7 +274,7 @@ class TaskRegistry:
         return shared
 
     def _load(self, stored: StoredPatch) -> EngineTask:
-        patch = self.check_file(stored.path)
+        patch = self.check_file(self.store.fetch(stored))
         tokenization, label_ids = self._head_of(patch.spec)
         slot_of = {name: self.targets.slot(name) for name in patch.entries}
         mixable = all(slot is not None for slot in slot_of.values())

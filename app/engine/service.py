@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +19,8 @@ import anyio
 import torch
 
 from app.core.errors import InvalidInput, LimitExceeded, NotReady, TaskNotFound
-from app.core.store import LocalTaskStore, StoredPatch, TaskStore
+from app.core.store import LocalTaskStore, StoredPatch, StoreHealth, TaskStore
+from app.core.store_sync import TaskNotice
 from app.engine.engine import Engine, EngineConfig
 from app.engine.registry import EngineTask, TaskRegistry
 from app.grafting.base import BaseModel, EligibleRule, eligible_size
@@ -81,9 +82,12 @@ class InferenceService:
         engine_config: EngineConfig,
         cache_bytes: int,
         max_length: int,
+        announce: Callable[[TaskNotice], None] | None = None,
     ) -> None:
         self.base = base
         self.store = store
+        # tells the other replicas about a task this one changed (Redis pub/sub when configured)
+        self.announce = announce
         self.limits = limits
         self.engine_config = engine_config
         self.max_length = max_length
@@ -204,16 +208,26 @@ class InferenceService:
         if len(data) > self.limits.max_patch_bytes:
             raise LimitExceeded(f"patch of {len(data)} bytes exceeds max_patch_bytes={self.limits.max_patch_bytes}")
         stored, created = self.registry.put(name, data, source=source)
+        self._announce(TaskNotice(name, "written", stored.etag))
         return self._info(stored), created
 
     def delete_task(self, name: str) -> None:
         self.registry.delete(name)
+        self._announce(TaskNotice(name, "deleted"))
 
-    def patch_file(self, name: str) -> StoredPatch:
+    def task_changed(self, name: str) -> None:
+        """A notice (or a re-check) says another process changed ``name``: bring this replica in step."""
+        self.registry.refresh(name)
+
+    def store_health(self) -> StoreHealth:
+        return self.store.health()
+
+    def patch_file(self, name: str) -> tuple[StoredPatch, Path]:
+        """The task's current version and a local file holding its patch (downloaded once from a remote store)."""
         stored = self.store.stat(name)
         if stored is None:
             raise TaskNotFound(f"task {name!r} not found")
-        return stored
+        return stored, self.store.fetch(stored)
 
     @contextmanager
     def pristine_parameters(self) -> Iterator[Mapping[str, torch.Tensor]]:
@@ -252,6 +266,10 @@ class InferenceService:
             },
             "cache": self.registry.cache_info(),
         }
+
+    def _announce(self, notice: TaskNotice) -> None:
+        if self.announce is not None:
+            self.announce(notice)
 
     def _info(self, stored: StoredPatch) -> TaskInfo:
         problem = None

@@ -1,21 +1,22 @@
 """What every job function runs with and reports through, whatever its kind (localize, stitch).
 
-A ``JobContext`` holds the long-lived pieces of one runner process: the base model loaded once, the task store and
-the job store. The base given here must be the runner's own copy: a localize job writes into it while it works.
-The helpers below are the record changes every job kind makes the same way: start, cancellation check, storing a
-task patch, finish.
+A ``JobContext`` holds the long-lived pieces of one runner process: the base model loaded once, the task store
+(tasks, uploads and stitched models, local or in an object store) and the job store. The base given here must be
+the runner's own copy: a localize job writes into it while it works. The helpers below are the record changes
+every job kind makes the same way: start, cancellation check, storing a task patch, finish.
 """
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.core.store import LocalTaskStore, StoredPatch
+from app.core.store import StoredPatch, TaskStore
+from app.core.store_sync import TaskNotice
 from app.grafting.base import BaseModel
 from app.grafting.patch import GraftPatch, load_patch, patch_to_bytes, validate_for_base
 from app.jobs.inputs import UploadPaths
@@ -26,13 +27,15 @@ from app.jobs.store import JobStore
 @dataclass
 class JobContext:
     base_loader: Callable[[], BaseModel]
-    tasks: LocalTaskStore
+    tasks: TaskStore
     jobs: JobStore
-    uploads_dir: Path
+    # Not read: uploads live in the task store (``tasks.open_upload``), wherever it is. Kept so callers that pass
+    # the old fourth argument still construct a context.
+    uploads_dir: Path | None = None
     # hours a failed job's upload stays for inspection; 0 deletes it when the job fails
     failed_upload_retention_h: float = 72.0
-    # called with a task name after it is (re)written, e.g. to publish a notice to other replicas
-    on_task_written: Callable[[str], None] | None = None
+    # called after a task is (re)written, to tell the API replicas (Redis pub/sub in RQ mode)
+    announce: Callable[[TaskNotice], None] | None = None
     # named datasets folder for jobs that score on them (None: the default beside the repository)
     data_dir: Path | None = None
     _base: BaseModel | None = None
@@ -43,8 +46,13 @@ class JobContext:
             self._base = self.base_loader()
         return self._base
 
-    def upload_paths(self, job_id: str) -> UploadPaths:
-        return UploadPaths(self.uploads_dir / job_id)
+    def open_upload(self, job_id: str) -> AbstractContextManager[Path]:
+        """The job's uploaded files in a local folder for the block (downloaded first from an object store)."""
+        return self.tasks.open_upload(job_id)
+
+    @staticmethod
+    def upload_paths(folder: Path) -> UploadPaths:
+        return UploadPaths(folder)
 
 
 class Phases:
@@ -90,8 +98,8 @@ def store_task(ctx: JobContext, base: BaseModel, patch: GraftPatch, job_id: str)
         validate_for_base(load_patch(path), base)
 
     stored = ctx.tasks.write_patch(patch.task, patch_to_bytes(patch), validate, source=f"job:{job_id}")
-    if ctx.on_task_written is not None:
-        ctx.on_task_written(patch.task)
+    if ctx.announce is not None:
+        ctx.announce(TaskNotice(patch.task, "written", stored.etag))
     return stored
 
 
@@ -113,4 +121,4 @@ def finish(
         progress={"phase": state.value},
     )
     if state == JobState.failed and ctx.failed_upload_retention_h <= 0:
-        shutil.rmtree(ctx.upload_paths(job_id).folder, ignore_errors=True)
+        ctx.tasks.delete_upload(job_id)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
-import os
 import shutil
 import threading
 import time
@@ -23,7 +21,10 @@ from typing import Any, BinaryIO
 
 from app.config import Settings
 from app.core.errors import LimitExceeded, Overloaded, ServiceError, TaskNotFound
-from app.core.store import LocalTaskStore
+from app.core.object_store import open_task_store
+from app.core.store import TaskStore
+from app.core.store_sync import TASK_CHANNEL as TASK_CHANNEL
+from app.core.store_sync import RedisAnnouncer
 from app.grafting.base import BaseModel, load_base
 from app.jobs.context import JobContext
 from app.jobs.errors import (
@@ -42,11 +43,9 @@ from app.jobs.store import FileJobStore, JobStore, RedisJobStore
 from app.jobs.work import sweep_failed_uploads
 
 log = logging.getLogger("skillgraft.jobs")
-# Redis pub/sub channel: a worker publishes {"task": name} on it after a job (re)writes a task. Nobody subscribes
-# yet; the consumer planned is each API replica, dropping its cached patch of that task (its patch registry) instead
-# of waiting to notice the new file. The subscriber will be wired where the app is assembled (``app.main``), since
-# the engine may not import ``app.jobs``.
-TASK_CHANNEL = "skillgraft:tasks"
+# TASK_CHANNEL (re-exported here): a worker publishes a ``TaskNotice`` on it after a job (re)writes a task; each API
+# replica's ``StoreSync`` (wired in ``app.main``) subscribes. It lives in ``app.core.store_sync`` because the engine
+# side may not import ``app.jobs``.
 CHUNK = 1 << 20
 
 
@@ -104,13 +103,14 @@ class JobService:
     ``enqueue`` (records in the job store, ids to the runner), looks jobs up and cancels them."""
 
     def __init__(
-        self, settings: Settings, base: BaseModel, tasks: LocalTaskStore, jobs: JobStore, runner: JobRunner
+        self, settings: Settings, base: BaseModel, tasks: TaskStore, jobs: JobStore, runner: JobRunner
     ) -> None:
         self.settings = settings
         self.base = base
         self.tasks = tasks
         self.jobs = jobs
         self.runner = runner
+        # where uploads are received on this machine; a job's upload then moves into the task store (put_upload)
         self.uploads_dir = settings.store_dir / "uploads"
         self.uploads_dir.mkdir(parents=True, exist_ok=True)
         self._claims_lock = threading.Lock()
@@ -164,10 +164,8 @@ class JobService:
         shutil.rmtree(staging.folder / "extracted", ignore_errors=True)
 
     def _place_upload(self, staging: Staging, job_id: str) -> None:
-        target = self.uploads_dir / job_id
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging.folder, target)
+        # a folder rename for a local store; streamed parts, manifest last, for an object store
+        self.tasks.put_upload(job_id, staging.folder)
 
     def enqueue(self, request: JobRequest) -> tuple[JobRecord, bool]:
         """Queue one job of any kind. Returns (record, created): an earlier job with the same id that has not
@@ -277,7 +275,6 @@ class JobService:
             lambda: self.base,
             self.tasks,
             self.jobs,
-            self.uploads_dir,
             failed_upload_retention_h=self.settings.keep_failed_uploads_h,
         )
 
@@ -287,7 +284,7 @@ class StitchService:
 
     def __init__(self, jobs: JobService) -> None:
         self.jobs = jobs
-        self.models = StitchedModels(jobs.tasks.root)
+        self.models = StitchedModels(jobs.tasks)
 
     def submit(self, spec: StitchSpec) -> tuple[JobRecord, bool]:
         """Queue a stitch job; an identical earlier submission (same spec, same stored patches) returns its job."""
@@ -313,7 +310,8 @@ def connect_redis(url: str) -> Any:
 
 
 def build_worker_context(settings: Settings, base: BaseModel | None = None) -> JobContext:
-    """The context an RQ worker process runs jobs with: its own base, the shared store, the Redis job store."""
+    """The context an RQ worker process runs jobs with: its own base, the shared task store (a folder or a bucket),
+    the Redis job store, and notices to the API replicas on every task it writes."""
     if settings.redis_url is None:
         raise ValueError("a worker needs SKILLGRAFT_REDIS_URL")
     redis = connect_redis(settings.redis_url)
@@ -324,16 +322,15 @@ def build_worker_context(settings: Settings, base: BaseModel | None = None) -> J
 
     return JobContext(
         base_loader=loader,
-        tasks=LocalTaskStore(settings.store_dir),
+        tasks=open_task_store(settings),
         jobs=RedisJobStore(redis),
-        uploads_dir=settings.store_dir / "uploads",
         failed_upload_retention_h=settings.keep_failed_uploads_h,
         data_dir=settings.data_dir,
-        on_task_written=lambda name: redis.publish(TASK_CHANNEL, json.dumps({"task": name})),
+        announce=RedisAnnouncer(redis),
     )
 
 
-def build_job_service(settings: Settings, base: BaseModel, tasks: LocalTaskStore) -> JobService:
+def build_job_service(settings: Settings, base: BaseModel, tasks: TaskStore) -> JobService:
     """The backend the settings choose: RQ on Redis when ``redis_url`` is set, else the in-process runner
     (which loads its own copy of the base on its first job: localization writes into the base it uses)."""
     if settings.redis_url:
@@ -346,7 +343,6 @@ def build_job_service(settings: Settings, base: BaseModel, tasks: LocalTaskStore
         base_loader=lambda: load_base(settings.base_model, settings.device),
         tasks=tasks,
         jobs=jobs,
-        uploads_dir=settings.store_dir / "uploads",
         failed_upload_retention_h=settings.keep_failed_uploads_h,
         data_dir=settings.data_dir,
     )

@@ -2,28 +2,28 @@
 
 A stitch job (``JobRecord.kind == "stitch"``, its ``StitchSpec`` in ``params``) loads the named tasks' patches,
 computes θ_pre + Σ γ'_i⊙δ_i (:mod:`app.grafting.stitch`), scores each task's single graft against the stitched model
-on the task's dataset where one is known, then writes under the store root::
+on the task's dataset where one is known, then stores through the task store (a folder or an object store)::
 
     stitched/<name>/model.safetensors   the stitched encoder as a plain safetensors state dict (bare encoder names)
-    stitched/<name>/report.json         tasks, union/overlap summary, per-task accuracy, job id
-    tasks/<name>.<task>/patch.safetensors   with ``serve``: each member as a servable task (its own head)
+    stitched/<name>/report.json         tasks, union/overlap summary, per-task accuracy, job id (written last)
+    task <name>.<task>                  with ``serve``: each member as a servable task (its own head)
 
 Submission goes through the one job door (``app.jobs.service.StitchService`` → ``JobService.enqueue``); this module
-is the job function the runner calls for records of kind ``stitch``, and the ``stitched/`` folder it writes.
+is the job function the runner calls for records of kind ``stitch``, and the stitched models it stores.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import uuid
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save_file
 
 from app.core.errors import TaskNotFound
-from app.core.files import atomic_write
-from app.core.store import check_task_name
+from app.core.store import STITCHED_DIR, STITCHED_MODEL_FILE, STITCHED_REPORT_FILE, TaskStore, check_task_name
 from app.grafting.base import BaseModel
 from app.grafting.data import REGISTRY, DataError, load_dataset
 from app.grafting.heads import TaskModel, Tokenization
@@ -34,40 +34,35 @@ from app.jobs.context import JobContext, Phases, finish, is_cancelled, start, st
 from app.jobs.errors import StitchNotFound
 from app.jobs.models import JobRecord, JobState, StitchSpec, member_name
 
-STITCHED_DIR = "stitched"
-MODEL_FILE = "model.safetensors"
-REPORT_FILE = "report.json"
+MODEL_FILE = STITCHED_MODEL_FILE
+REPORT_FILE = STITCHED_REPORT_FILE
 EVAL_SEED = 0
 
 
 class StitchedModels:
-    """The ``stitched/`` folder of a store: one folder per stitched model, written whole by a job."""
+    """The stitched models of a task store: each written whole by a job (its report last), read by name."""
 
-    def __init__(self, store_root: Path) -> None:
-        self.root = store_root / STITCHED_DIR
-
-    def folder(self, name: str) -> Path:
-        return self.root / check_task_name(name)
+    def __init__(self, store: TaskStore) -> None:
+        self.store = store
 
     def exists(self, name: str) -> bool:
-        return (self.folder(name) / REPORT_FILE).is_file()
+        return self.store.stitched_report(check_task_name(name)) is not None
 
     def report(self, name: str) -> dict[str, Any]:
-        try:
-            return dict(json.loads((self.folder(name) / REPORT_FILE).read_text()))
-        except (FileNotFoundError, ValueError) as exc:
-            raise StitchNotFound(f"stitched model {name!r} not found") from exc
+        report = self.store.stitched_report(check_task_name(name))
+        if report is None:
+            raise StitchNotFound(f"stitched model {name!r} not found")
+        return report
 
     def model_path(self, name: str) -> Path:
-        path = self.folder(name) / MODEL_FILE
-        if not path.is_file():
+        """A local file holding the stitched model (downloaded once from an object store)."""
+        path = self.store.stitched_model(check_task_name(name))
+        if path is None:
             raise StitchNotFound(f"stitched model {name!r} not found")
         return path
 
     def names(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir() if (p / REPORT_FILE).is_file())
+        return self.store.stitched_names()
 
 
 def run_stitch_job(ctx: JobContext, record: JobRecord) -> dict[str, Any] | None:
@@ -107,7 +102,10 @@ def _load_member(ctx: JobContext, base: BaseModel, task: str) -> GraftPatch:
     stored = ctx.tasks.stat(task)
     if stored is None:
         raise TaskNotFound(f"task {task!r} not found")
-    patch = validate_for_base(load_patch(stored.path), base)
+    try:
+        patch = validate_for_base(load_patch(ctx.tasks.fetch(stored)), base)
+    except FileNotFoundError as exc:  # replaced or deleted since ``stat``
+        raise TaskNotFound(f"task {task!r} changed while the job read it; submit again") from exc
     # the stored name is the task's identity here, whatever name the patch was built with
     patch.task = task
     return patch
@@ -147,26 +145,30 @@ def _publish(
     members: list[GraftPatch],
     scores: dict[str, Any],
 ) -> dict[str, Any]:
-    models = StitchedModels(ctx.tasks.root)
-    folder = models.folder(spec.name)
-    folder.mkdir(parents=True, exist_ok=True)
+    check_task_name(spec.name)
     state = {name: tensor.contiguous() for name, tensor in stitched_state_dict(base.parameters, stitched).items()}
     metadata = {"skillgraft.stitched": json.dumps({"tasks": spec.tasks, "base_fingerprint": base.fingerprint})}
-    atomic_write(folder / MODEL_FILE, lambda tmp: save_file(state, str(tmp), metadata=metadata))
-    served = []
-    if spec.serve:
-        for member in members:
-            store_task(ctx, base, member, record.id)
-            served.append(member.task)
-    report = {
-        "name": spec.name,
-        "job": record.id,
-        "tasks": spec.tasks,
-        "members": served,
-        "base_fingerprint": base.fingerprint,
-        **stitched.summary(),
-        "accuracy": scores,
-        "model": f"{STITCHED_DIR}/{spec.name}/{MODEL_FILE}",
-    }
-    atomic_write(folder / REPORT_FILE, lambda tmp: tmp.write_text(json.dumps(report, indent=2, sort_keys=True)))
+    # the model is staged beside the store (a rename publishes it locally; an object store gets it streamed)
+    ctx.tasks.scratch_dir.mkdir(parents=True, exist_ok=True)
+    model_file = ctx.tasks.scratch_dir / f"stitched-{uuid.uuid4().hex}.safetensors"
+    try:
+        save_file(state, str(model_file), metadata=metadata)
+        served = []
+        if spec.serve:
+            for member in members:
+                store_task(ctx, base, member, record.id)
+                served.append(member.task)
+        report = {
+            "name": spec.name,
+            "job": record.id,
+            "tasks": spec.tasks,
+            "members": served,
+            "base_fingerprint": base.fingerprint,
+            **stitched.summary(),
+            "accuracy": scores,
+            "model": f"{STITCHED_DIR}/{spec.name}/{MODEL_FILE}",
+        }
+        ctx.tasks.put_stitched(spec.name, model_file, report)
+    finally:
+        model_file.unlink(missing_ok=True)
     return report

@@ -6,7 +6,6 @@ with the runner process's ``JobContext``.
 
 from __future__ import annotations
 
-import shutil
 import time
 from typing import Any
 
@@ -26,10 +25,10 @@ def run_localize_job(ctx: JobContext, record: JobRecord) -> dict[str, Any] | Non
         return None
     phases = Phases()
     start(ctx, record, record.spec.steps)
-    paths = ctx.upload_paths(job_id)
     try:
         phases.enter("load")
-        inputs = load_job_inputs(paths, record.spec, ctx.base, paths.folder / "extracted")
+        with ctx.open_upload(job_id) as folder:
+            inputs = load_job_inputs(ctx.upload_paths(folder), record.spec, ctx.base, folder / "extracted")
         result = _localize_and_publish(ctx, record, inputs, phases)
     except UploadError as exc:
         finish(ctx, job_id, JobState.failed, phases, error=str(exc))
@@ -38,7 +37,7 @@ def run_localize_job(ctx: JobContext, record: JobRecord) -> dict[str, Any] | Non
         finish(ctx, job_id, JobState.cancelled, phases, error="cancelled")
         return None
     finish(ctx, job_id, JobState.succeeded, phases, result=result)
-    shutil.rmtree(paths.folder, ignore_errors=True)
+    ctx.tasks.delete_upload(job_id)
     return result
 
 
@@ -82,14 +81,12 @@ def _localize_and_publish(ctx: JobContext, record: JobRecord, inputs: JobInputs,
 
 def sweep_failed_uploads(ctx: JobContext) -> int:
     """Delete uploads of failed or cancelled jobs older than the retention; returns how many were removed."""
-    if not ctx.uploads_dir.is_dir():
-        return 0
     cutoff = time.time() - ctx.failed_upload_retention_h * 3600
     removed = 0
-    for folder in ctx.uploads_dir.iterdir():
-        record = ctx.jobs.get(folder.name) if folder.name.isalnum() else None
+    for name, modified in ctx.tasks.list_uploads():
+        record = ctx.jobs.get(name) if name.isalnum() else None
         finished = record is None or record.state in (JobState.failed, JobState.cancelled)
-        if folder.is_dir() and finished and folder.stat().st_mtime < cutoff:
-            shutil.rmtree(folder, ignore_errors=True)
+        if finished and modified < cutoff:
+            ctx.tasks.delete_upload(name)
             removed += 1
     return removed

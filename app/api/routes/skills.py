@@ -35,7 +35,7 @@ OVERLAP_EXAMPLE = {
 
 def _stored_patch(service: InferenceService, name: str) -> GraftPatch:
     try:
-        return load_patch(service.patch_file(name).path)
+        return load_patch(service.patch_file(name)[1])
     except PatchError as exc:  # written badly by another process: the task cannot be used, as when classifying
         raise TaskUnusable(f"task {name!r} has an unusable patch: {exc}") from exc
 

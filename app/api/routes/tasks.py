@@ -121,9 +121,9 @@ async def put_patch(service: ServiceDep, name: TaskName, request: Request, respo
     },
 )
 async def get_patch(service: ServiceDep, name: TaskName) -> FileResponse:
-    stored = await run_in_threadpool(service.patch_file, name)
+    stored, path = await run_in_threadpool(service.patch_file, name)
     return FileResponse(
-        stored.path,
+        path,
         media_type="application/octet-stream",
         filename=f"{name}.safetensors",
         headers={"ETag": f'"{stored.etag}"'},
