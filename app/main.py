@@ -17,10 +17,12 @@ from app.api.limits import BodyLimit, BodySizeLimitMiddleware
 from app.api.openapi import install_openapi
 from app.api.routes import classify, dashboard, health, info, jobs, metrics, skills, tasks, v2
 from app.config import Settings, get_settings
+from app.core.object_store import open_task_store
+from app.core.store_sync import RedisAnnouncer, StoreSync
 from app.engine.engine import EngineConfig
 from app.engine.service import InferenceService, ServiceLimits
 from app.grafting.base import load_base
-from app.jobs.service import build_job_service
+from app.jobs.service import build_job_service, connect_redis
 from app.observability import RequestObservabilityMiddleware, bind_app_state
 
 log = logging.getLogger("skillgraft")
@@ -42,9 +44,33 @@ def build_service(settings: Settings) -> InferenceService:
         max_queue=settings.max_queue,
         policy=settings.engine_policy,
     )
-    return InferenceService.for_directory(
-        base, settings.store_dir, limits, engine_config, settings.patch_cache_bytes, settings.max_length
+    # with Redis, every task change this replica makes is announced to the others (they subscribe in StoreSync)
+    announce = RedisAnnouncer(connect_redis(settings.redis_url)) if settings.redis_url else None
+    return InferenceService(
+        base,
+        open_task_store(settings),
+        limits,
+        engine_config,
+        settings.patch_cache_bytes,
+        settings.max_length,
+        announce=announce,
     )
+
+
+def build_store_sync(settings: Settings, service: InferenceService) -> StoreSync | None:
+    """The thread that keeps this replica in step with the others: notices over Redis, re-checks of a shared
+    object store. A local store without Redis has nobody else to keep in step with."""
+    redis_url = settings.redis_url
+    if redis_url is None and not service.store.remote:
+        return None
+    sync = StoreSync(
+        service.store,
+        service.task_changed,
+        settings.store_recheck_s,
+        redis_factory=(lambda: connect_redis(redis_url)) if redis_url else None,
+    )
+    sync.start()
+    return sync
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -58,9 +84,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             service.base.name,
             service.base.fingerprint[:19],
             service.device,
-            settings.store_dir,
+            service.store.location,
         )
         app.state.service = service
+        store_sync = build_store_sync(settings, service)
+        app.state.store_sync = store_sync
         job_service = await anyio.to_thread.run_sync(build_job_service, settings, service.base, service.store)
         app.state.jobs = job_service
         log.info("jobs run %s", "on RQ workers via Redis" if settings.redis_url else "in process")
@@ -69,6 +97,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             app.state.service = None
             app.state.jobs = None
+            if store_sync is not None:
+                store_sync.stop()
             job_service.runner.close()
             await anyio.to_thread.run_sync(service.close)
 
@@ -89,6 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     app.state.service = None
     app.state.jobs = None
+    app.state.store_sync = None
     install_error_handlers(app)
     install_openapi(app)
     writes = frozenset({"POST", "PUT", "PATCH"})

@@ -85,6 +85,9 @@ class ServiceCollector(Collector):
             yield _gauge("skillgraft_patch_cache_bytes", "Bytes of patches held in the cache", info["bytes"])
             yield _gauge("skillgraft_patch_cache_budget_bytes", "Byte budget of the patch cache", info["budget_bytes"])
             yield _gauge("skillgraft_patch_cache_tasks", "Tasks held in the patch cache", info["tasks"])
+            # 1 while the task store answers (always for a local folder); 0 while a shared object store does not
+            reachable = 1.0 if service.store_health().reachable else 0.0
+            yield _gauge("skillgraft_store_reachable", "Whether the task store answered its last request", reachable)
             for name, help_text, value in (
                 ("skillgraft_patch_cache_hits", "Patch cache hits", info.get("hits", 0)),
                 (

@@ -29,6 +29,7 @@ from app.core.errors import (
     NotReady,
     Overloaded,
     ServiceError,
+    StoreUnavailable,
     TaskNotFound,
     TaskUnusable,
 )
@@ -76,6 +77,7 @@ STATUS: dict[type[Exception], int] = {
     HeadError: 409,
     Overloaded: 429,
     NotReady: 503,
+    StoreUnavailable: 503,
     InferenceFailed: 500,
 }
 CODES: dict[type[Exception], str] = {
@@ -205,7 +207,7 @@ def responses(*statuses: int) -> dict[int | str, dict[str, object]]:
         415: "A pickle file (refused: uploads are never unpickled)",
         422: "Malformed request body or task name",
         429: "Batcher queue full: retry later",
-        503: "Not ready, or the job queue is unavailable",
+        503: "Not ready, or the job queue or the object store is unavailable",
         507: "The store is full or read-only",
     }
     from app.api.schemas import ErrorResponse

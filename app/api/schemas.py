@@ -33,6 +33,11 @@ class HealthPublic(BaseModel):
 
 class ReadyPublic(BaseModel):
     status: Literal["ready"] = "ready"
+    # only with a shared object store: a replica that cannot reach it still serves what it has cached
+    store: Literal["reachable", "unreachable"] | None = Field(
+        None, description="Object store reachability (absent for a local store)."
+    )
+    store_detail: str | None = Field(None, description="Why the object store is unreachable.")
 
 
 class BasePublic(BaseModel):

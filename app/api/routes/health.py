@@ -16,9 +16,21 @@ def health() -> HealthPublic:
     return HealthPublic()
 
 
-@router.get("/ready", summary="Readiness: the base is loaded and the engine runs", responses=responses(503))
+@router.get(
+    "/ready",
+    summary="Readiness: the base is loaded and the engine runs",
+    description="With an object store, `store` says whether it answers. A replica that cannot reach it stays "
+    "ready: it serves the tasks it has cached and answers 503 for the rest.",
+    responses=responses(503),
+    response_model_exclude_none=True,
+)
 def ready(request: Request) -> ReadyPublic:
     service = getattr(request.app.state, "service", None)
     if service is None or not service.ready:
         raise NotReady("the base model is not loaded yet or the engine has stopped")
-    return ReadyPublic()
+    if not service.store.remote:
+        return ReadyPublic()
+    health = service.store_health()
+    if health.reachable:
+        return ReadyPublic(store="reachable")
+    return ReadyPublic(store="unreachable", store_detail=health.detail)
