@@ -18,9 +18,12 @@ import httpx
 import pytest
 import torch
 
+from app.config import Settings
+from app.core import object_store as object_store_module
 from app.core.errors import TaskNotFound, TaskUnusable
-from app.core.object_store import ObjectTaskStore, S3Location, S3Objects
-from app.core.store_sync import StoreSync
+from app.core.object_store import ObjectTaskStore, S3Location, S3Objects, open_task_store
+from app.core.store import LocalTaskStore
+from app.core.store_sync import StoreSync, TaskNotice
 from app.engine.engine import EngineConfig
 from app.engine.service import InferenceService, ServiceLimits, TextInput
 from app.grafting.base import BaseModel
@@ -371,3 +374,41 @@ def test_a_large_upload_streams_into_the_bucket_with_bounded_memory(
     finally:
         pool.stop_all()
 
+
+
+# -- settings and notices --------------------------------------------------------------------------------------
+
+
+def test_store_url_settings(tmp_path: Path) -> None:
+    folder = tmp_path / "elsewhere"
+    assert Settings(store_url=f"file://{folder}").store_dir == folder  # another way to say SKILLGRAFT_STORE_DIR
+    assert Settings(store_url=f"file://{folder}", store_dir=folder).store_dir == folder
+    with pytest.raises(ValueError, match="name different folders"):
+        Settings(store_url=f"file://{folder}", store_dir=tmp_path / "other")
+    settings = Settings(store_url="s3://my-bucket/some/prefix", store_dir=tmp_path / "local")
+    assert settings.store_location == "s3://my-bucket/some/prefix"
+    assert S3Location.parse(settings.store_url or "") == S3Location("my-bucket", "some/prefix/")
+    assert S3Location.parse("s3://my-bucket") == S3Location("my-bucket", "")
+    for bad in ("s3://", "s3://user:secret@bucket/x", "s3://Bad_Bucket/x", "ftp://host/x", "file://host/x"):
+        with pytest.raises(ValueError):
+            Settings(store_url=bad)
+    assert isinstance(open_task_store(Settings(store_dir=tmp_path / "plain")), LocalTaskStore)
+
+
+def test_notices_decode_only_what_a_replica_may_act_on() -> None:
+    notice = TaskNotice("films", "deleted", None)
+    assert TaskNotice.decode(notice.encode()) == notice
+    assert TaskNotice.decode(b'{"task": "films"}') == TaskNotice("films", "written", None)  # the old worker format
+    for junk in (b"not json", b"[]", b'{"task": "../x"}', b'{"task": 3}', b"{}"):
+        assert TaskNotice.decode(junk) is None
+
+
+@pytest.mark.usefixtures("aws")
+def test_names_asked_for_and_absent_are_remembered_within_a_bound(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(object_store_module, "MAX_ABSENT_REMEMBERED", 8)
+    store = object_store(bucket, tmp_path / "a")
+    for index in range(30):
+        assert store.stat(f"made-up-{index}") is None
+    assert len(store._known) <= 8

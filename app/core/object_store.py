@@ -86,6 +86,9 @@ REFUSALS = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSu
 MISSING = {"NoSuchKey", "404", "NotFound"}
 # ``checked_at`` of an entry that must be read again before it is trusted
 STALE = float("-inf")
+# Names remembered as absent (asked for, not found) beyond this many are forgotten, oldest first: requests for
+# made-up names must not grow memory without bound.
+MAX_ABSENT_REMEMBERED = 10_000
 
 
 @dataclass(frozen=True)
@@ -394,6 +397,8 @@ class ObjectTaskStore:
         self.recheck_s = recheck_s
         self._lock = threading.Lock()
         self._known: dict[str, _Known] = {}
+        # how many entries of _known may be absent ones (an upper bound: recounted when it passes the limit)
+        self._absent = 0
         # names from the last listing that succeeded (None: never listed), for listings while unreachable
         self._listed: list[str] | None = None
 
@@ -719,7 +724,19 @@ class ObjectTaskStore:
         self, name: str, stored: StoredPatch | None, pointer: dict[str, Any] | None, pointer_etag: str | None
     ) -> None:
         with self._lock:
+            self._known.pop(name, None)  # re-inserted last: dict order is the order of last news
             self._known[name] = _Known(stored, pointer, pointer_etag, time.monotonic())
+            if stored is None:
+                self._absent += 1
+                if self._absent > MAX_ABSENT_REMEMBERED:
+                    self._forget_oldest_absent()
+
+    def _forget_oldest_absent(self) -> None:
+        """Drop the older half of the absent entries (called under the lock)."""
+        absent = [name for name, known in self._known.items() if known.stored is None]
+        for name in absent[: len(absent) // 2]:
+            del self._known[name]
+        self._absent = len(absent) - len(absent) // 2
 
     def _delete_quietly(self, keys: list[str]) -> None:
         """Remove objects nothing points at any more; one left behind (bucket down) is garbage, never a task."""
