@@ -21,7 +21,7 @@ import torch
 from app.config import Settings
 from app.core import object_store as object_store_module
 from app.core.errors import TaskNotFound, TaskUnusable
-from app.core.object_store import ObjectTaskStore, S3Location, S3Objects, open_task_store
+from app.core.object_store import FileCache, ObjectTaskStore, S3Location, S3Objects, open_task_store
 from app.core.store import LocalTaskStore
 from app.core.store_sync import StoreSync, TaskNotice
 from app.engine.engine import EngineConfig
@@ -412,3 +412,20 @@ def test_names_asked_for_and_absent_are_remembered_within_a_bound(
     for index in range(30):
         assert store.stat(f"made-up-{index}") is None
     assert len(store._known) <= 8
+
+
+def test_the_file_cache_keeps_within_its_byte_budget(tmp_path: Path) -> None:
+    cache = FileCache(tmp_path / "cache", budget_bytes=2500)
+
+    def add(index: int) -> Path:
+        temp = cache.temp()
+        temp.write_bytes(b"x" * 1000)
+        return cache.admit(temp, cache.path("patches", "t", f"{index}.safetensors"))
+
+    first, second = add(0), add(1)
+    os.utime(first, (1000, 1000))
+    os.utime(second, (2000, 2000))
+    assert cache.get(first) == first  # used again: now the most recent of the two
+    third = add(2)  # over budget: the least recently used goes
+    assert (first.exists(), second.exists(), third.exists()) == (True, False, True)
+    assert cache.size_bytes() == 2000

@@ -306,8 +306,13 @@ def _etag(raw: str) -> str:
 class FileCache:
     """Files downloaded from the store, under one folder, bounded in bytes: the least recently used go first.
 
-    Files are only added by rename from a temporary file, so a reader never opens half of one. Their names carry
-    their version (a sha256 or etag), so an entry is never stale, only unused."""
+    Files are only added by rename from a temporary file in the same folder tree, so a reader never opens half of
+    one. Their names carry their version (a sha256 or etag), so an entry is never stale, only unused. Several
+    processes may share the folder: the byte total kept here is an estimate, recounted whenever it says "over".
+    """
+
+    # a temporary file this old was left by a process that died mid-download
+    ABANDONED_S = 3600
 
     def __init__(self, root: Path, budget_bytes: int) -> None:
         self.root = root
@@ -315,6 +320,8 @@ class FileCache:
         self.temp_dir = root / ".tmp"
         self.temp_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._remove_abandoned()
+        self._total = sum(size for _, _, size in self._entries())
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
@@ -330,9 +337,15 @@ class FileCache:
         return self.temp_dir / f"{uuid.uuid4().hex}.part"
 
     def admit(self, temp: Path, path: Path) -> Path:
+        """Publish a finished temporary file (from ``temp()``) under ``path``, then keep within the budget."""
+        size = temp.stat().st_size
         path.parent.mkdir(parents=True, exist_ok=True)
         os.replace(temp, path)
-        self.trim(keep=path)
+        with self._lock:
+            self._total += size
+            over = self._total > self.budget_bytes
+        if over:
+            self.trim(keep=path)
         return path
 
     def size_bytes(self) -> int:
@@ -349,6 +362,7 @@ class FileCache:
                     continue
                 path.unlink(missing_ok=True)
                 total -= size
+            self._total = total
 
     def _entries(self) -> list[tuple[Path, float, int]]:
         entries = []
@@ -363,6 +377,15 @@ class FileCache:
                     continue
                 entries.append((path, info.st_mtime, info.st_size))
         return entries
+
+    def _remove_abandoned(self) -> None:
+        cutoff = time.time() - self.ABANDONED_S
+        for temp in self.temp_dir.iterdir():
+            try:
+                if temp.stat().st_mtime < cutoff:
+                    temp.unlink(missing_ok=True)
+            except FileNotFoundError:
+                continue
 
 
 @dataclass
@@ -473,7 +496,8 @@ class ObjectTaskStore:
     ) -> StoredPatch:
         """Validate a local copy, upload the bytes under their sha256, then publish the pointer (last)."""
         check_task_name(name)
-        temp = self.scratch_dir / f"patch-{uuid.uuid4().hex}.tmp"
+        # staged in the cache's own folder tree, so the file this machine just wrote joins its cache by rename
+        temp = self.cache.temp()
         try:
             write_bytes_synced(data)(temp)
             validate(temp)
