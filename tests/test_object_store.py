@@ -17,6 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import load
 
 from app.config import Settings
 from app.core import object_store as object_store_module
@@ -29,6 +31,7 @@ from app.engine.service import InferenceService, ServiceLimits, TextInput
 from app.grafting.base import BaseModel
 from app.grafting.patch import PatchError, patch_to_bytes
 from app.jobs.service import connect_redis
+from app.main import create_app
 from tests.utils.http import JOB_SPEC, classify, upload, wait_job
 from tests.utils.object_store import AWS_ENV, MotoS3, RssWatcher, bucket_name, padded_checkpoint_zip
 from tests.utils.processes import Processes
@@ -429,3 +432,34 @@ def test_the_file_cache_keeps_within_its_byte_budget(tmp_path: Path) -> None:
     third = add(2)  # over budget: the least recently used goes
     assert (first.exists(), second.exists(), third.exists()) == (True, False, True)
     assert cache.size_bytes() == 2000
+
+
+@pytest.mark.usefixtures("aws")
+def test_a_stitch_job_stores_its_model_and_members_in_the_bucket(
+    s3: MotoS3, bucket: str, tmp_path: Path, tiny_base_dir: Path, tiny_base: BaseModel
+) -> None:
+    settings = Settings(
+        base_model=tiny_base_dir, store_dir=tmp_path / "local", store_url=f"s3://{bucket}/store", max_batch_wait_ms=1
+    )
+    with TestClient(create_app(settings)) as client:
+        uploaded = {}
+        for seed, name in enumerate(("alpha", "beta"), 1):
+            uploaded[name] = patch_to_bytes(make_patch(tiny_base, name, fraction=0.2, seed=seed))
+            assert client.put(f"/v1/tasks/{name}/patch", content=uploaded[name]).status_code == 201
+        assert client.get("/v1/tasks/alpha/patch").content == uploaded["alpha"]
+        response = client.post("/v1/stitch", json={"name": "combo", "tasks": ["alpha", "beta"], "eval_limit": 0})
+        assert response.status_code == 202, response.text
+        deadline = time.monotonic() + 60
+        while (job := client.get(response.json()["url"]).json())["state"] not in ("succeeded", "failed"):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.05)
+        assert job["state"] == "succeeded", job
+        assert client.get("/v1/stitch").json()["items"] == ["combo"]
+        assert client.get("/v1/stitch/combo").json()["members"] == ["combo.alpha", "combo.beta"]
+        model = client.get("/v1/stitch/combo/model")
+        assert model.status_code == 200 and len(load(model.content)) > 0
+        assert client.post("/v1/classify", json={"task": "combo.beta", "inputs": ["fine"]}).status_code == 200
+    keys = s3.keys(bucket)
+    assert "store/stitched/combo/model.safetensors" in keys and "store/stitched/combo/report.json" in keys
+    assert {"store/tasks/combo.alpha.json", "store/tasks/combo.beta.json"} <= set(keys)
+    assert not (tmp_path / "local/stitched").exists() and not (tmp_path / "local/tasks").exists()
