@@ -121,7 +121,8 @@ class TaskRegistry:
     # -- lookups -----------------------------------------------------------------------------------------------
 
     def lookup_cached(self, name: str) -> EngineTask | None:
-        """The cached task if it is still the stored version; cheap (one ``stat``), safe on the event loop."""
+        """The cached task if it is still the stored version; cheap (one ``stat``: a file's, or what an object
+        store last saw, which asks the bucket only once that is older than its re-check interval)."""
         stored = self.store.stat(name)
         with self._lock:
             task = self._cache.get(name)
