@@ -205,6 +205,7 @@ class DeltaHooks:
     def __init__(self, targets: DeltaTargets) -> None:
         self.targets = targets
         self.plan: Plan | None = None
+        self._steps_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._handles = [
             module.register_forward_hook(partial(self._hook, slots)) for module, slots in targets.module_slots.items()
         ]
@@ -212,7 +213,7 @@ class DeltaHooks:
     def __deepcopy__(self, memo: dict[int, Any]) -> DeltaHooks:
         # A deep copy of the encoder (e.g. to materialize a graft) copies its hooks: the copy's must stay inert.
         inert = DeltaHooks.__new__(DeltaHooks)
-        inert.targets, inert.plan, inert._handles = self.targets, None, []
+        inert.targets, inert.plan, inert._handles, inert._steps_cache = self.targets, None, [], {}
         return inert
 
     def close(self) -> None:
@@ -233,25 +234,49 @@ class DeltaHooks:
         # indexing over (row, :, column) on the 3-D tensors.
         y = output.reshape(batch, -1, width_out)
         length = y.shape[1]
-        steps = torch.arange(length, device=y.device)[None, :]
-        targets, sources = [], []
+        flat_y = y.view(-1)
+        steps = self._steps(length, y.device)
+        additions = []
+        # Every addition is computed before any is applied: a norm weight's x̂ is read off the module's output.
         for target, (start, end) in parts:
             rows, out, delta = plan.rows[start:end], plan.out[start:end], plan.delta[start:end, None].to(y.dtype)
-            if target.role in (LINEAR_WEIGHT, NORM_WEIGHT):
-                if target.role == LINEAR_WEIGHT:
-                    source, column = x, plan.col[start:end]
-                else:
-                    assert target.normalise is not None
-                    source = target.normalise(x)
-                    column = out
-                width_in = source.shape[-1]
-                flat_source = source.reshape(batch, length, width_in).contiguous().view(-1)
-                # entry e, position t reads source[rows[e], t, column[e]]
-                values = flat_source[(rows * (length * width_in) + column)[:, None] + steps * width_in] * delta
+            destination = (rows * (length * width_out) + out)[:, None] + steps * width_out
+            if target.role == LINEAR_WEIGHT:
+                width_in = x.shape[-1]
+                flat_x = x.reshape(-1) if x.is_contiguous() else x.contiguous().view(-1)
+                # entry e, position t reads x[rows[e], t, column[e]]
+                values = flat_x[(rows * (length * width_in) + plan.col[start:end])[:, None] + steps * width_in]
+                values *= delta
+            elif target.role == NORM_WEIGHT:
+                values = self._normalised(target, x, flat_y, destination, out) * delta
             else:
                 values = delta.expand(-1, length)
-            targets.append(((rows * (length * width_out) + out)[:, None] + steps * width_out).reshape(-1))
-            sources.append(values.reshape(-1))
-        flat_y = y.view(-1)
-        flat_y.index_add_(0, torch.cat(targets), torch.cat(sources))
+            additions.append((destination.view(-1), values.reshape(-1)))
+        for destination_index, values in additions:
+            flat_y.index_add_(0, destination_index, values)
         return y.view(output.shape)
+
+    def _steps(self, length: int, device: torch.device) -> torch.Tensor:
+        """``[[0, 1, …, length−1]]``, made once per batch shape rather than once per hook."""
+        key = (length, device)
+        steps = self._steps_cache.get(key)
+        if steps is None:
+            steps = self._steps_cache[key] = torch.arange(length, device=device)[None, :]
+        return steps
+
+    def _normalised(
+        self, target: Target, x: torch.Tensor, flat_y: torch.Tensor, destination: torch.Tensor, features: torch.Tensor
+    ) -> torch.Tensor:
+        """x̂ at the patched features (entries × positions), read off the module's output y = x̂·w (+ b) where the
+        base weight is nonzero: a gather instead of a second normalisation pass over the whole input."""
+        module = target.module
+        weight = module.weight[features]
+        if bool((weight == 0).any()):
+            # y carries no information about x̂ there: normalise the input again (exact, slower).
+            assert target.normalise is not None
+            return target.normalise(x).reshape(-1)[destination]
+        shifted = flat_y[destination]
+        bias = getattr(module, "bias", None)
+        if bias is not None:
+            shifted = shifted - bias[features][:, None]
+        return shifted / weight[:, None]
