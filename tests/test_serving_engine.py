@@ -218,3 +218,24 @@ def test_a_write_failing_part_way_leaves_the_base_as_it_was(monkeypatch: pytest.
         weights.apply(indices, values)
     assert len(calls) == 3, "the failure came from the write, and the restore ran"
     assert all(torch.equal(p, before[name]) for name, p in module.named_parameters())
+
+
+def test_a_repeated_mixed_batch_reuses_its_plan_and_a_new_composition_does_not(
+    tiny_any: BaseModel, family_patches: list[GraftPatch], tmp_path: Path
+) -> None:
+    service = make_service(tiny_any, tmp_path, policy="mixed")
+    try:
+        for patch in family_patches:
+            upload(service, patch)
+        tasks = [p.task for p in family_patches]
+        rows, _ = service.prepare(tasks, [TextInput(t) for t in TEXTS])
+        first = service.engine.run(rows, timeout=60)
+        plan = service.engine._last_plan
+        again = service.engine.run(rows, timeout=60)
+        assert service.engine._last_plan is plan
+        for a, b in zip(first, again, strict=True):
+            assert torch.equal(a, b)
+        service.engine.run(rows[: len(TEXTS)], timeout=60)
+        assert service.engine._last_plan is not plan
+    finally:
+        service.close()
