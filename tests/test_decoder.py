@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from app.engine.service import TextInput
-from app.grafting.base import BaseModel, EligibleRule, eligible_size, is_norm, module_type_of
+from app.grafting.base import BaseModel, EligibleRule, eligible_size, is_norm, load_base, module_type_of
 from app.grafting.heads import Example, HeadError, HeadSpec, TaskModel, Tokenization, label_word_ids
 from app.grafting.patch import PatchError, build_patch, patch_to_bytes, validate_for_base
 from tests.utils.serving import TEXTS, Reference, checksum, make_service
@@ -105,3 +105,30 @@ def test_rmsnorm_entries_mix_exactly(tiny_llama: BaseModel, tmp_path: Path) -> N
     finally:
         service.close()
     assert checksum(tiny_llama) == before
+
+
+def test_norm_entries_whose_base_weight_is_zero_mix_exactly(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """x̂ is read off the norm's output as y/w; where the base weight is 0 that is impossible and the hook
+    normalises the input again. A patch that revives a zeroed RMSNorm weight must still match the graft."""
+    base = load_base(tiny_llama_dir, name="tiny-llama-zeroed")  # a private copy: its weights are edited
+    name = "layers.0.input_layernorm.weight"
+    with torch.no_grad():
+        base.parameters[name][:4] = 0.0
+    from app.grafting.base import fingerprint_parameters
+
+    base.fingerprint = fingerprint_parameters(base.parameters)
+    ft = {n: t.detach().clone() for n, t in base.parameters.items()}
+    ft[name][:4] = 0.5
+    mask = {name: torch.zeros(base.parameters[name].shape, dtype=torch.bool)}
+    mask[name][:4] = True
+    spec = tiny_prompt_spec(base)
+    revived = build_patch(base.parameters, ft, mask, task="revived", spec=spec, base_fingerprint=base.fingerprint)
+    service = make_service(base, tmp_path, policy="mixed")
+    try:
+        service.put_patch("revived", patch_to_bytes(revived))
+        rows, _ = service.prepare(["revived"], [TextInput(t) for t in TEXTS])
+        got = torch.stack(service.engine.run(rows, timeout=60))
+        assert service.engine.stats.mixed_batches == 1
+        torch.testing.assert_close(got, Reference(base, revived).logits(TEXTS), rtol=0, atol=1e-5)
+    finally:
+        service.close()
