@@ -1,11 +1,13 @@
 """Serving cost: what grafted traffic costs over the plain base, patch swap time, memory, and HTTP latency.
 
-    python benchmarks/serve_bench.py [--inputs 384] [--window 64] [--http-requests 8]
+    python benchmarks/serve_bench.py [--base smollm2-135m-instruct|all-minilm-l6-v2] [--inputs 384] [--window 64]
 
-One run, side by side, on the packaged all-MiniLM-L6-v2 and this machine's CPU (or GPU with --device cuda).
-Patches are synthetic: for each task a random mask of ⌊1e-4·|E|⌋ entries over the eligible set E (what a top-|δ|
-mask of i.i.d. task-vector noise looks like) with values θ_pre + N(0, 0.02²), in prompt mode — no fine-tuning is
-run. Texts are synthetic sentences of 10–20 words. Prints a table and writes benchmarks/results/serve_bench.json.
+One run, side by side, on one packaged base (``--base``: SmolLM2-135M-Instruct by default, or all-MiniLM-L6-v2)
+and this machine's CPU. The same base is loaded by this process, by the memory probes (fresh processes) and by
+the HTTP server (``SKILLGRAFT_BASE_MODEL``). Patches are synthetic: for each task a random mask of ⌊1e-4·|E|⌋
+entries over the eligible set E (what a top-|δ| mask of i.i.d. task-vector noise looks like) with values
+θ_pre + N(0, 0.02²), in prompt mode with the SST-2 prompt of the base's family — no fine-tuning is run. Texts are
+synthetic sentences of 10–20 words. Prints a table and writes benchmarks/results/serve_bench_<base>.json.
 
 Measured:
 * engine throughput (inputs/s) of the plain base (an empty patch) vs traffic spread uniformly over 1, 10, 100 and
@@ -13,9 +15,13 @@ Measured:
   same closed-loop arrival stream (``--window`` single-input requests outstanding) and batch limits for all;
   the base is re-measured before each task count so the ratios compare neighbouring runs on a shared machine;
 * patch apply + restore time per batch at sparsity 1e-4, and the mixed path's per-batch index building;
-* process RSS (fresh processes) with 1,000 tasks cached vs none;
+* process RSS (fresh processes) with 1,000 tasks cached vs none; bytes per cached task and per patch entry
+  (the registry's cache_info bytes over its tasks and their entries);
 * the naive peer: one full fine-tuned model per task in memory (5 loaded, extrapolated);
 * HTTP p50/p99 latency and throughput against a real uvicorn with 32 concurrent clients.
+
+The machine's load average (``os.getloadavg()``) is recorded before and after: on a shared machine only the
+ratios measured within one run compare.
 """
 
 from __future__ import annotations
@@ -52,16 +58,43 @@ from app.engine.mixed import DeltaHooks, build_plan  # noqa: E402
 from app.engine.registry import EngineTask, TaskRegistry  # noqa: E402
 from app.engine.weights import BaseWeights  # noqa: E402
 from app.grafting.base import BaseModel, EligibleRule, load_base  # noqa: E402
-from app.grafting.heads import Encoded, Example, HeadSpec, collate, encoder_hidden  # noqa: E402
+from app.grafting.data import REGISTRY as DATASETS  # noqa: E402
+from app.grafting.heads import Encoded, Example, HeadSpec, encoder_hidden  # noqa: E402
+from app.grafting.packaged_bases import DEFAULT_BASE, PACKAGED_BASES  # noqa: E402
 from app.grafting.patch import GraftPatch, save_patch  # noqa: E402
 
 SPARSITY = 1e-4
-SPEC = HeadSpec("prompt", ("negative", "positive"), "{text} It was {mask} .", ("terrible", "great"))
+# Bytes one cached patch entry may cost in the registry (global index + value + slot, amortized per-task tensors).
+BYTES_PER_ENTRY_TARGET = 12
+
+
+def spec_for(base: BaseModel) -> HeadSpec:
+    """SST-2's prompt for the base's family (encoder: ``{mask}`` filled; decoder: the next word)."""
+    return DATASETS["sst2"].head_spec("prompt", family=base.family)
+
+
+def eligible_size(base: BaseModel) -> int:
+    params = base.parameters
+    return sum(params[n].numel() for n in EligibleRule().select(list(params)))
+
+
 WORDS = (  # noqa: SIM905 - a sentence reads better than a list of fifty strings
     "the film story cast music acting plot scene director camera light dark slow fast funny sad warm cold "
     "brilliant dull moving flat honest clever tired fresh long short quiet loud gentle bitter sweet strange "
     "familiar simple careful messy bold timid real fake hour minute moment ending opening character voice"
 ).split()
+
+
+def source_state() -> dict[str, Any]:
+    """The commit measured and any files that differ from it (on a shared checkout others edit app/ meanwhile)."""
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    return {"commit": git("rev-parse", "HEAD").strip(), "changed": git("status", "--short", "--", "app").splitlines()}
 
 
 def rss_mb() -> float:
@@ -101,11 +134,11 @@ def synthetic_patch(base: BaseModel, task: str, seed: int, sparsity: float = SPA
         base_values = params[names[i]].detach().reshape(-1)[local]
         noise = torch.randn(local.numel(), generator=generator) * 0.02
         entries[names[i]] = (local.to(torch.int64), (base_values + noise).to(base_values.dtype))
-    return GraftPatch(task, SPEC, base.fingerprint, entries, eligible_size=total, method="synthetic")
+    return GraftPatch(task, spec_for(base), base.fingerprint, entries, eligible_size=total, method="synthetic")
 
 
 def empty_patch(base: BaseModel) -> GraftPatch:
-    return GraftPatch("base", SPEC, base.fingerprint, {}, method="none")
+    return GraftPatch("base", spec_for(base), base.fingerprint, {}, method="none")
 
 
 def write_store(base: BaseModel, root: Path, n_tasks: int) -> LocalTaskStore:
@@ -223,12 +256,7 @@ def swap_timing(base: BaseModel, registry: TaskRegistry, batch: int) -> dict[str
     # row's delta added (mixed), and one task swapped in. On a shared machine this pairing is the steadiest view
     # of what the mixed path costs per batch.
     tokenization = registry.get("base").tokenization
-    collated = collate(
-        tokenization.encode_many([Example(t, -1) for t in texts(batch, seed=4)]),
-        int(base.tokenizer.pad_token_id or 0),
-        "token_type_ids" in base.tokenizer.model_input_names,
-        "prompt",
-    ).to(device)
+    collated = tokenization.collate(tokenization.encode_many([Example(t, -1) for t in texts(batch, seed=4)])).to(device)
     hooks = DeltaHooks(registry.targets)
     plain_s, mixed_s, swapped_s = [], [], []
     try:
@@ -272,9 +300,20 @@ def swap_timing(base: BaseModel, registry: TaskRegistry, batch: int) -> dict[str
 # -- memory probes (fresh processes) ---------------------------------------------------------------------------
 
 
-def probe(mode: str, store_dir: Path, n: int) -> dict[str, Any]:
+def probe(mode: str, store_dir: Path, n: int, base_name: str) -> dict[str, Any]:
     out = subprocess.run(
-        [sys.executable, __file__, "--probe", mode, "--probe-n", str(n), "--store", str(store_dir)],
+        [
+            sys.executable,
+            __file__,
+            "--probe",
+            mode,
+            "--probe-n",
+            str(n),
+            "--store",
+            str(store_dir),
+            "--base",
+            base_name,
+        ],
         check=True,
         capture_output=True,
         text=True,
@@ -282,8 +321,8 @@ def probe(mode: str, store_dir: Path, n: int) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_probe(mode: str, store_dir: Path, n: int) -> dict[str, Any]:
-    base = load_base()
+def run_probe(mode: str, store_dir: Path, n: int, base_name: str) -> dict[str, Any]:
+    base = load_base(base_name)
     if mode == "rss":
         engine = Engine(base, EngineConfig())
         registry = TaskRegistry(LocalTaskStore(store_dir), base, engine.weights, 1 << 30, 128)
@@ -300,7 +339,7 @@ def run_probe(mode: str, store_dir: Path, n: int) -> dict[str, Any]:
     before = rss_mb()
     models, start = [], time.perf_counter()
     for _ in range(n):
-        models.append(load_base())
+        models.append(load_base(base_name))
     elapsed = time.perf_counter() - start
     trim()
     return {"models": n, "rss_mb_before": before, "rss_mb_after": rss_mb(), "load_s": elapsed}
@@ -309,13 +348,13 @@ def run_probe(mode: str, store_dir: Path, n: int) -> dict[str, Any]:
 # -- HTTP --------------------------------------------------------------------------------------------------------
 
 
-def http_bench(store_dir: Path, n_tasks: int, clients: int, per_client: int) -> dict[str, Any]:
+def http_bench(store_dir: Path, n_tasks: int, clients: int, per_client: int, base_name: str) -> dict[str, Any]:
     import httpx
 
     from tests.utils.processes import Processes
 
     log_dir = Path(tempfile.mkdtemp(prefix="serve-bench-logs-"))
-    procs = Processes({"SKILLGRAFT_STORE_DIR": str(store_dir)}, log_dir)
+    procs = Processes({"SKILLGRAFT_STORE_DIR": str(store_dir), "SKILLGRAFT_BASE_MODEL": base_name}, log_dir)
     try:
         url = procs.server(timeout=180)
         pool = texts(64, seed=2)
@@ -347,6 +386,7 @@ def http_bench(store_dir: Path, n_tasks: int, clients: int, per_client: int) -> 
         "clients": clients,
         "requests": len(latencies),
         "tasks": n_tasks,
+        "base": base_name,
         "p50_ms": latencies[len(latencies) // 2] * 1e3,
         "p99_ms": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1e3,
         "throughput_rps": len(latencies) / elapsed,
@@ -355,6 +395,7 @@ def http_bench(store_dir: Path, n_tasks: int, clients: int, per_client: int) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default=DEFAULT_BASE, choices=sorted(PACKAGED_BASES), help="packaged base")
     parser.add_argument("--inputs", type=int, default=128, help="inputs per throughput stream")
     parser.add_argument("--window", type=int, default=64, help="single-input requests outstanding")
     parser.add_argument("--batch", type=int, default=32)
@@ -366,22 +407,28 @@ def main() -> None:
     parser.add_argument("--http-requests", type=int, default=8, help="requests per HTTP client")
     parser.add_argument("--http-tasks", type=int, default=100)
     parser.add_argument("--naive-models", type=int, default=5)
-    parser.add_argument("--out", default=str(REPO / "benchmarks/results/serve_bench.json"))
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/serve_bench_<base>.json")
     parser.add_argument("--probe", choices=["rss", "naive"], help=argparse.SUPPRESS)
     parser.add_argument("--probe-n", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
-        print(json.dumps(run_probe(args.probe, Path(args.store), args.probe_n)))
+        print(json.dumps(run_probe(args.probe, Path(args.store), args.probe_n, args.base)))
         return
+    out_path = Path(args.out or REPO / f"benchmarks/results/serve_bench_{args.base}.json")
+    load_before = os.getloadavg()
 
     started = time.perf_counter()
     if args.threads:
         # One thread by default: on a small shared machine, intra-op threads spin against other processes and
         # make run-to-run noise larger than the effects measured here.
         torch.set_num_threads(args.threads)
-    base = load_base()
+    base = load_base(args.base)
     n_tasks = max(args.task_counts)
+    eligible = eligible_size(base)
+    print(
+        f"base {base.name} ({base.family}): {base.num_parameters:,} parameters, eligible set {eligible:,}", flush=True
+    )
     store_dir = Path(tempfile.mkdtemp(prefix="serve-bench-store-"))
     print(f"writing {n_tasks} synthetic patches (sparsity {SPARSITY}) to {store_dir}", flush=True)
     store = write_store(base, store_dir, n_tasks)
@@ -390,6 +437,22 @@ def main() -> None:
     for i in range(n_tasks):
         registry.get(f"task{i:04d}")
     load_ms = (time.perf_counter() - load_start) / n_tasks * 1e3
+    # Only the n synthetic tasks are cached at this point: bytes per task and per entry as the registry counts them.
+    info = registry.cache_info()
+    cached_entries = sum(registry.get(f"task{i:04d}").num_entries for i in range(n_tasks))
+    cache = {
+        "tasks": info["tasks"],
+        "bytes": info["bytes"],
+        "entries": cached_entries,
+        "bytes_per_task": info["bytes"] / info["tasks"],
+        "bytes_per_entry": info["bytes"] / cached_entries,
+        "entries_per_task": cached_entries / info["tasks"],
+    }
+    print(
+        f"cache: {cache['tasks']} tasks, {cache['entries']:,} entries, {cache['bytes'] / 2**20:.1f} MiB: "
+        f"{cache['bytes_per_task']:,.0f} B/task, {cache['bytes_per_entry']:.2f} B/entry",
+        flush=True,
+    )
 
     print("engine throughput (inputs/s; ratio to the plain base):", flush=True)
     throughput = engine_throughput(base, registry, args)
@@ -398,9 +461,9 @@ def main() -> None:
     print(f"  apply+restore {swap['apply_restore_ms_median']:.3f} ms median ({swap['entries']} entries)", flush=True)
 
     print("memory probes (fresh processes)...", flush=True)
-    rss_none = probe("rss", store_dir, 0)
-    rss_full = probe("rss", store_dir, n_tasks)
-    naive = probe("naive", store_dir, args.naive_models)
+    rss_none = probe("rss", store_dir, 0, args.base)
+    rss_full = probe("rss", store_dir, n_tasks, args.base)
+    naive = probe("naive", store_dir, args.naive_models, args.base)
     per_model_mb = (naive["rss_mb_after"] - naive["rss_mb_before"]) / args.naive_models
     per_model_s = naive["load_s"] / args.naive_models
     memory = {
@@ -416,28 +479,42 @@ def main() -> None:
         "naive_extrapolated_load_s": {str(n): per_model_s * n for n in (100, 1000)},
     }
     print("HTTP (real uvicorn)...", flush=True)
-    http = http_bench(store_dir, min(args.http_tasks, n_tasks), args.http_clients, args.http_requests)
+    http = http_bench(store_dir, min(args.http_tasks, n_tasks), args.http_clients, args.http_requests, args.base)
 
     by_count = {row["tasks"]: row for row in throughput}
+
+    def at_least(count: int, key: str, target: float) -> bool | None:  # None: that task count was not run
+        return None if count not in by_count else by_count[count][key] >= target
+
     targets_met = {
-        "auto_ratio_at_100_tasks>=0.95 (wall)": by_count.get(100, {}).get("auto_ratio", 0) >= 0.95,
-        "auto_ratio_at_1000_tasks>=0.9 (wall)": by_count.get(1000, {}).get("auto_ratio", 0) >= 0.9,
-        "auto_ratio_at_100_tasks>=0.95 (cpu)": by_count.get(100, {}).get("auto_cpu_ratio", 0) >= 0.95,
-        "auto_ratio_at_1000_tasks>=0.9 (cpu)": by_count.get(1000, {}).get("auto_cpu_ratio", 0) >= 0.9,
+        "auto_ratio_at_100_tasks>=0.95 (wall)": at_least(100, "auto_ratio", 0.95),
+        "auto_ratio_at_1000_tasks>=0.95 (wall)": at_least(1000, "auto_ratio", 0.95),
+        "auto_ratio_at_100_tasks>=0.95 (cpu)": at_least(100, "auto_cpu_ratio", 0.95),
+        "auto_ratio_at_1000_tasks>=0.95 (cpu)": at_least(1000, "auto_cpu_ratio", 0.95),
         "apply_restore<1ms": swap["apply_restore_ms_median"] < 1.0,
+        f"bytes_per_entry<={BYTES_PER_ENTRY_TARGET}": cache["bytes_per_entry"] <= BYTES_PER_ENTRY_TARGET,
         "rss_increase<=5%": memory["rss_increase"] <= 0.05,
     }
     result = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "source": source_state(),
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
             "torch": torch.__version__,
             "device": str(next(base.encoder.parameters()).device),
             "note": "2-core CPU shared with other work while measured; ratios compare neighbouring runs",
+            "loadavg_1_5_15_start": list(load_before),
+            "loadavg_1_5_15_end": list(os.getloadavg()),
         },
         "setup": {
             "base": base.name,
+            "base_key": args.base,
+            "family": base.family,
+            "parameters": base.num_parameters,
+            "eligible_size": eligible,
+            "entries_per_patch": max(1, math.floor(SPARSITY * eligible)),
+            "head_spec": spec_for(base).to_json(),
             "sparsity": SPARSITY,
             "patches": "synthetic: random masks of floor(1e-4*|E|) entries, values theta_pre + N(0, 0.02^2), "
             "prompt mode",
@@ -450,17 +527,26 @@ def main() -> None:
         },
         "throughput": throughput,
         "swap": swap,
+        "cache": cache,
         "memory": memory,
         "http": http,
         "targets_met": targets_met,
         "wall_s": time.perf_counter() - started,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)
+    print(f"wrote {out_path}")
 
 
 def print_table(r: dict[str, Any]) -> None:
+    setup, machine = r["setup"], r["machine"]
+    print(
+        f"\n{setup['base']} ({setup['family']}), eligible set {setup['eligible_size']:,}, "
+        f"{setup['entries_per_patch']:,} entries per patch; load average "
+        f"{'/'.join(f'{x:.2f}' for x in machine['loadavg_1_5_15_start'])} at start, "
+        f"{'/'.join(f'{x:.2f}' for x in machine['loadavg_1_5_15_end'])} at end"
+    )
     print(
         "\n| tasks | base in/s | swap in/s (ratio; cpu ratio) | mixed in/s (ratio; cpu ratio) "
         "| auto in/s (ratio; cpu ratio) |"
@@ -471,11 +557,15 @@ def print_table(r: dict[str, Any]) -> None:
             f"{row[p]:.1f} ({row[p + '_ratio']:.3f}; {row[p + '_cpu_ratio']:.3f})" for p in ("swap", "mixed", "auto")
         ]
         print(f"| {row['tasks']} | {row['base']:.1f} | " + " | ".join(cells) + " |")
-    s, m, h = r["swap"], r["memory"], r["http"]
+    s, m, h, c = r["swap"], r["memory"], r["http"], r["cache"]
     print(
         f"\napply+restore per batch: {s['apply_restore_ms_median']:.3f} ms median, p99 {s['apply_restore_ms_p99']:.3f}"
         f" ({s['entries']} entries over {s['params_touched']} tensors); mixed plan for a 32-task batch "
         f"{s['mixed_plan_ms_median']:.3f} ms; load+validate {s['task_load_validate_ms']:.2f} ms/task"
+    )
+    print(
+        f"cache: {c['tasks']} tasks, {c['bytes'] / 2**20:.1f} MiB: {c['bytes_per_task']:,.0f} bytes per task, "
+        f"{c['bytes_per_entry']:.2f} bytes per entry"
     )
     print(
         f"RSS: {m['rss_mb_no_tasks']:.0f} MB no tasks, {m['rss_mb_tasks_cached']:.0f} MB with "
@@ -495,7 +585,8 @@ def print_table(r: dict[str, Any]) -> None:
         f"{s['forward_ms_mixed_32_tasks']:.0f} ms (ratio {s['mixed_forward_ratio']:.3f}), swap (1 task) "
         f"{s['forward_ms_swap_1_task']:.0f} ms (ratio {s['swap_forward_ratio']:.3f})"
     )
-    print("targets:", ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in r["targets_met"].items()))
+    verdict = {True: "met", False: "NOT met", None: "not measured"}
+    print("targets:", ", ".join(f"{k}: {verdict[v]}" for k, v in r["targets_met"].items()))
 
 
 if __name__ == "__main__":
