@@ -467,6 +467,12 @@ def collect(args: argparse.Namespace, cache: Cache, fingerprint: str) -> dict[st
     settings = run_settings(args)
     ft = {r["key"]: r for r in cache.records("ft") if r.get("kind") is None and "chosen" in r}
     ft = {k: v for k, v in ft.items() if v["chosen"].get("base") == fingerprint}
+
+    def this_grid(choice: dict[str, Any]) -> bool:
+        ident = {name: choice["chosen"][name] for name in ("base", "task", "seed", "k", "spec")}
+        return choice["key"] == cell_key({"kind": "ft-choice", **ident, "lrs": args.ft_lrs, "epochs": args.ft_epochs})
+
+    ft = {k: v for k, v in ft.items() if this_grid(v)}
     masks = {r["key"]: r for r in cache.records("mask")}
     evals: dict[tuple, dict[str, Any]] = {}
     for r in cache.records("eval"):
