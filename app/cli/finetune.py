@@ -18,7 +18,7 @@ from app.cli.overlap import add_task_source_options, resolve_patches
 from app.grafting.base import load_base
 from app.grafting.checkpoint import save_checkpoint
 from app.grafting.data import write_user_data
-from app.grafting.finetune import FinetuneConfig, finetune
+from app.grafting.finetune import DEFAULT_LR, FinetuneConfig, finetune
 from app.grafting.heads import default_classifier_kind
 from app.grafting.patch import GraftPatch, grafted
 from app.grafting.stitch import member_patch, stitch
@@ -31,7 +31,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_head_options(parser)
     group = parser.add_argument_group("training")
     group.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
-    group.add_argument("--lr", type=float, default=2e-2)
+    group.add_argument(
+        "--lr", type=float, default=None, help="learning rate (default: 2e-2 on an encoder, 1e-2 on a decoder)"
+    )
     group.add_argument("--epochs", type=int, default=10)
     group.add_argument("--batch-size", type=int, default=8)
     group.add_argument("--weight-decay", type=float, default=0.0)
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     spec = data.head_spec(args.mode, args.template, words, kind, family=base.family)
     config = FinetuneConfig(
         optimizer=args.optimizer,
-        lr=args.lr,
+        lr=args.lr or DEFAULT_LR[base.family],
         epochs=args.epochs,
         batch_size=args.batch_size,
         weight_decay=args.weight_decay,
