@@ -24,22 +24,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from app.grafting.base import load_base  # noqa: E402
-from app.grafting.checkpoint import save_checkpoint  # noqa: E402
-from app.grafting.data import resolve_task_data  # noqa: E402
-from app.grafting.evaluate import evaluate  # noqa: E402
+from app.grafting.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
+from app.grafting.data import resolve_task_data, write_user_data  # noqa: E402
 from app.grafting.finetune import FinetuneConfig, finetune  # noqa: E402
-from app.grafting.localize import LocalizeConfig, localize  # noqa: E402
-from app.grafting.patch import build_patch, save_patch  # noqa: E402
+from app.grafting.localize import LocalizeConfig  # noqa: E402
+from app.grafting.patch import save_patch  # noqa: E402
+from app.grafting.pipeline import graft, split_for_evaluation  # noqa: E402
 from tests.utils.processes import Processes  # noqa: E402
-
-
-def write_jsonl(path: Path, examples: list, labels: tuple[str, ...]) -> Path:
-    path.write_text("\n".join(json.dumps({"text": e.text, "label": labels[e.label]}) for e in examples))
-    return path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--base", default="all-minilm-l6-v2", help="packaged base (the README's figures: MiniLM)")
     parser.add_argument("--dataset", default="sst2")
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
@@ -49,35 +45,27 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    base = load_base()
+    base = load_base(args.base)
     data = resolve_task_data(dataset=args.dataset, k=args.k, seed=0)
-    spec = data.head_spec("prompt")
+    spec = data.head_spec("prompt", family=base.family)
     tuned = finetune(base, spec, data.train, data.dev, FinetuneConfig(epochs=args.epochs, seed=0))
     work = Path(tempfile.mkdtemp(prefix="jobs-bench-"))
     save_checkpoint(work / "ckpt", base, tuned.body, spec, training=tuned.training_record())
-    train_file = write_jsonl(work / "train.jsonl", data.train, data.labels)
-    dev_file = write_jsonl(work / "dev.jsonl", data.dev, data.labels)
-    config = LocalizeConfig(method="learned", sparsity=args.sparsity, steps=args.steps, max_step=1.0, seed=0)
+    train_file = write_user_data(work / "train.jsonl", data.train, data.labels)
+    dev_file = write_user_data(work / "dev.jsonl", data.dev, data.labels)
+    # the job's own settings: LocalizeConfig's defaults with the spec's sparsity and steps
+    config = LocalizeConfig(method="learned", sparsity=args.sparsity, steps=args.steps, seed=0)
 
-    procs = Processes({"SKILLGRAFT_STORE_DIR": str(work / "store")}, work)
+    procs = Processes({"SKILLGRAFT_STORE_DIR": str(work / "store"), "SKILLGRAFT_BASE_MODEL": args.base}, work)
     try:
         url = procs.server(timeout=180)
-        # direct: what the job does, minus the job system (same config as the job uses)
+        # direct: what the job does, minus the job system: the same pipeline with the same settings and splits
         started = time.perf_counter()
-        found = localize(base, tuned.body, spec, data.train, data.dev, config)
-        localize_s = time.perf_counter() - started
-        patch = build_patch(
-            base.parameters,
-            tuned.body,
-            found.mask,
-            task="direct",
-            spec=spec,
-            base_fingerprint=base.fingerprint,
-            eligible_size=found.eligible_size,
-            method="learned",
-        )
-        patch.metrics = evaluate(base, spec, tuned.body, patch, data.dev)
-        save_patch(patch, work / "direct.safetensors")
+        splits = split_for_evaluation(data.train, data.dev, seed=0)
+        checkpoint = Checkpoint(body=tuned.body, head={})
+        outcome = graft(base, checkpoint, spec, splits, config, task="direct")
+        localize_s = outcome.localized.timings.get("total", time.perf_counter() - started)
+        save_patch(outcome.patch, work / "direct.safetensors")
         direct_s = time.perf_counter() - started
 
         job_spec = {
@@ -87,6 +75,7 @@ def main() -> None:
             "label_words": list(spec.label_words or ()),
             "sparsity": args.sparsity,
             "steps": args.steps,
+            "seed": 0,
         }
         started = time.perf_counter()
         with (
@@ -130,8 +119,10 @@ def main() -> None:
         "overhead_vs_direct_total": job_s / direct_s - 1,
         "overhead_vs_localize_only": job_s / localize_s - 1,
         "job_phases_s": phases,
-        "graft_dev_accuracy_job": job["result"]["metrics"].get("acc_graft"),
-        "graft_dev_accuracy_direct": patch.metrics.get("acc_graft"),
+        # both evaluated by the pipeline on the same split (held out, or the labelled selection set)
+        "graft_accuracy_job": job["result"]["metrics"].get("acc_graft"),
+        "graft_accuracy_direct": outcome.report.get("acc_graft"),
+        "evaluated_on": outcome.report.get("evaluated_on"),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

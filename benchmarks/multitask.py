@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from app.grafting.base import BaseModel, load_base
+from app.grafting.base import BaseModel, EligibleRule, eligible_size, load_base
 from app.grafting.data import TaskData, resolve_task_data
 from app.grafting.evaluate import Evaluator, swapped_weights
 from app.grafting.finetune import FinetuneConfig, finetune
@@ -68,6 +68,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--new", default="agnews", help="task learned afterwards (forgetting)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--base", default="all-minilm-l6-v2", help="packaged base (the README's figures: MiniLM)")
     parser.add_argument("--out", default="benchmarks/results/multitask")
     parser.add_argument("--data-dir", default=None)
     return parser.parse_args(argv)
@@ -86,9 +87,9 @@ class Task:
     def __init__(self, base: BaseModel, name: str, args: argparse.Namespace) -> None:
         self.name = name
         self.data: TaskData = resolve_task_data(name, k=args.k, seed=args.seed, data_dir=args.data_dir)
-        self.spec: HeadSpec = self.data.head_spec("prompt")
+        self.spec: HeadSpec = self.data.head_spec("prompt", family=base.family)
         self.test = subset(self.data.test, args.test_limit, args.seed)
-        self.tokenization = Tokenization(base.tokenizer, self.spec)
+        self.tokenization = Tokenization(base.tokenizer, self.spec, family=base.family)
         self.encoded = self.tokenization.encode_many(self.test)
         self.labels = [e.label for e in self.test]
 
@@ -214,8 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    base = load_base()
-    eligible = sum(p.numel() for n, p in base.parameters.items() if n.startswith("encoder.layer."))
+    base = load_base(args.base)
+    eligible = eligible_size(base.parameters, EligibleRule())
     tasks = [Task(base, name, args) for name in args.tasks]
     by_name = {t.name: t for t in tasks}
     config = FinetuneConfig(lr=args.lr, epochs=args.epochs, seed=args.seed)
