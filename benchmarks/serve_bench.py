@@ -62,6 +62,7 @@ from app.grafting.data import REGISTRY as DATASETS  # noqa: E402
 from app.grafting.heads import Encoded, Example, HeadSpec, encoder_hidden  # noqa: E402
 from app.grafting.packaged_bases import DEFAULT_BASE, PACKAGED_BASES  # noqa: E402
 from app.grafting.patch import GraftPatch, save_patch  # noqa: E402
+from benchmarks.provenance import source_state  # noqa: E402
 
 SPARSITY = 1e-4
 # Bytes one cached patch entry may cost in the registry (global index + value + slot, amortized per-task tensors).
@@ -83,18 +84,6 @@ WORDS = (  # noqa: SIM905 - a sentence reads better than a list of fifty strings
     "brilliant dull moving flat honest clever tired fresh long short quiet loud gentle bitter sweet strange "
     "familiar simple careful messy bold timid real fake hour minute moment ending opening character voice"
 ).split()
-
-
-def source_state() -> dict[str, Any]:
-    """The commit measured and any files that differ from it (on a shared checkout others edit app/ meanwhile)."""
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True).stdout
-        except (OSError, subprocess.CalledProcessError):
-            return ""
-
-    return {"commit": git("rev-parse", "HEAD").strip(), "changed": git("status", "--short", "--", "app").splitlines()}
 
 
 def rss_mb() -> float:

@@ -43,18 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from app.grafting.packaged_bases import PACKAGED_BASES  # noqa: E402 - light: no torch, no transformers
-
-
-def source_state() -> dict[str, Any]:
-    """The commit measured and any files that differ from it (on a shared checkout others edit app/ meanwhile)."""
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True).stdout
-        except (OSError, subprocess.CalledProcessError):
-            return ""
-
-    return {"commit": git("rev-parse", "HEAD").strip(), "changed": git("status", "--short", "--", "app").splitlines()}
+from benchmarks.provenance import source_state  # noqa: E402
 
 
 def free_port() -> int:

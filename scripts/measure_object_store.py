@@ -39,7 +39,14 @@ from app.grafting.base import load_base  # noqa: E402
 from app.grafting.patch import patch_to_bytes  # noqa: E402
 from app.jobs.service import connect_redis  # noqa: E402
 from tests.utils.http import JOB_SPEC, classify, upload  # noqa: E402
-from tests.utils.object_store import AWS_ENV, MotoS3, RssWatcher, bucket_name, padded_checkpoint_zip  # noqa: E402
+from tests.utils.object_store import (  # noqa: E402
+    AWS_ENV,
+    MotoS3,
+    RssWatcher,
+    bucket_name,
+    padded_checkpoint_zip,
+    post_streamed_upload,
+)
 from tests.utils.processes import Processes  # noqa: E402
 from tests.utils.tiny import load_tiny, make_patch, make_tiny_bert  # noqa: E402
 from tests.utils.uploads import write_checkpoint  # noqa: E402
@@ -150,18 +157,8 @@ def large_upload(s3: MotoS3, tiny_dir: Path, work: Path, megabytes: int) -> dict
     size = archive.stat().st_size
     try:
         url = pool.server()
-        with RssWatcher(pool.procs[0].pid) as rss, archive.open("rb") as stream:
-            started = time.perf_counter()
-            response = httpx.post(
-                f"{url}/v1/tasks",
-                files={
-                    "checkpoint": ("model.zip", stream, "application/zip"),
-                    "train": ("train.jsonl", b'{"text": "a", "label": "neg"}\n{"text": "b", "label": "pos"}\n'),
-                },
-                data={"spec": json.dumps(JOB_SPEC)},
-                timeout=1800,
-            )
-            seconds = time.perf_counter() - started
+        with RssWatcher(pool.procs[0].pid) as rss:
+            response, seconds = post_streamed_upload(url, archive, timeout=1800)
         assert response.status_code == 202, response.text
     finally:
         pool.stop_all()

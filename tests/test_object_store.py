@@ -8,7 +8,6 @@ notices; an object-store outage; a large upload streamed into the bucket with bo
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -33,7 +32,14 @@ from app.grafting.patch import PatchError, patch_to_bytes
 from app.jobs.service import connect_redis
 from app.main import create_app
 from tests.utils.http import JOB_SPEC, classify, upload, wait_job
-from tests.utils.object_store import AWS_ENV, MotoS3, RssWatcher, bucket_name, padded_checkpoint_zip
+from tests.utils.object_store import (
+    AWS_ENV,
+    MotoS3,
+    RssWatcher,
+    bucket_name,
+    padded_checkpoint_zip,
+    post_streamed_upload,
+)
 from tests.utils.processes import Processes
 from tests.utils.serving import TEXTS, Reference
 from tests.utils.tiny import make_patch
@@ -353,18 +359,8 @@ def test_a_large_upload_streams_into_the_bucket_with_bounded_memory(
         write_checkpoint(tiny_base, tmp_path / "ckpt")
         archive = padded_checkpoint_zip(tmp_path / "ckpt", tmp_path / "large.zip", LARGE_UPLOAD_MB * 2**20)
         size = archive.stat().st_size
-        with RssWatcher(pool.procs[0].pid) as rss, archive.open("rb") as stream:
-            started = time.monotonic()
-            response = httpx.post(
-                f"{url}/v1/tasks",
-                files={
-                    "checkpoint": ("model.zip", stream, "application/zip"),
-                    "train": ("train.jsonl", b'{"text": "a", "label": "neg"}\n{"text": "b", "label": "pos"}\n'),
-                },
-                data={"spec": json.dumps(JOB_SPEC)},
-                timeout=600,
-            )
-            seconds = time.monotonic() - started
+        with RssWatcher(pool.procs[0].pid) as rss:
+            response, seconds = post_streamed_upload(url, archive, timeout=600)
         assert response.status_code == 202, response.text
         job = response.json()["id"]
         assert s3.sizes(bucket, f"store/uploads/{job}/")[f"store/uploads/{job}/checkpoint.zip"] == size

@@ -6,6 +6,7 @@ Its objects live in this process's memory (moto keeps large ones in spooled temp
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -15,8 +16,10 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import httpx
 from moto.server import ThreadedMotoServer
 
+from tests.utils.http import JOB_SPEC
 from tests.utils.processes import free_port
 
 REGION = "us-east-1"
@@ -143,3 +146,17 @@ class RssWatcher:
                 self.peak = max(self.peak, self.sample())
             except (FileNotFoundError, ProcessLookupError):
                 return
+
+
+def post_streamed_upload(url: str, archive: Path, timeout: float) -> tuple[httpx.Response, float]:
+    """POST a (large) zipped checkpoint as a job upload, streamed from disk; returns the response and seconds."""
+    tiny_train = b'{"text": "a", "label": "neg"}\n{"text": "b", "label": "pos"}\n'
+    with archive.open("rb") as stream:
+        started = time.monotonic()
+        response = httpx.post(
+            f"{url}/v1/tasks",
+            files={"checkpoint": ("model.zip", stream, "application/zip"), "train": ("train.jsonl", tiny_train)},
+            data={"spec": json.dumps(JOB_SPEC)},
+            timeout=timeout,
+        )
+        return response, time.monotonic() - started
