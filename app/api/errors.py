@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -128,14 +129,19 @@ def error_response(
     return JSONResponse(body, status_code=status, headers={**extra, **(headers or {})} or None)
 
 
+def describe_validation_errors(errors: Sequence[Any]) -> str:
+    """The first five problems of a pydantic/FastAPI validation error as one line: ``where: what; …``."""
+    problems = []
+    for item in list(errors)[:5]:
+        where = ".".join(str(part) for part in item.get("loc", ()))
+        problems.append(f"{where}: {item.get('msg', 'invalid')}" if where else str(item.get("msg", "invalid")))
+    return "; ".join(problems)
+
+
 def _describe(request: Request, exc: Exception) -> tuple[int, str, str, dict[str, str]]:
     """(status, code, message, headers) for ``exc``, in v1's terms."""
     if isinstance(exc, RequestValidationError):
-        problems = []
-        for item in exc.errors()[:5]:
-            where = ".".join(str(part) for part in item.get("loc", ()))
-            problems.append(f"{where}: {item.get('msg', 'invalid')}" if where else str(item.get("msg", "invalid")))
-        return 422, "validation_error", "; ".join(problems) or "invalid request", {}
+        return 422, "validation_error", describe_validation_errors(exc.errors()) or "invalid request", {}
     if isinstance(exc, StarletteHTTPException):
         if exc.status_code == 400:
             # Only body parsing raises a bare 400 (FastAPI for an undecodable JSON body, Starlette for a broken
@@ -170,11 +176,15 @@ def exception_response(request: Request, exc: Exception) -> JSONResponse:
 
 def _hidden_paths(request: Request) -> tuple[str, ...]:
     # Last line of defence: whatever an OSError put into a message, the store's location is not for clients.
-    settings = getattr(request.app.state, "settings", None)
-    store = getattr(settings, "store_dir", None)
-    if store is None:
-        return ()
-    return tuple(sorted({str(store), str(store.resolve())}, key=len, reverse=True))
+    # Resolved once per app (it never changes), not on every error response.
+    state = request.app.state
+    hidden = getattr(state, "hidden_paths", None)
+    if hidden is None:
+        store = getattr(getattr(state, "settings", None), "store_dir", None)
+        hidden = () if store is None else tuple(sorted({str(store), str(store.resolve())}, key=len, reverse=True))
+        if store is not None:
+            state.hidden_paths = hidden
+    return hidden
 
 
 def _allowed_methods(request: Request) -> set[str]:

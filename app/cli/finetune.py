@@ -18,7 +18,7 @@ from app.cli.overlap import add_task_source_options, resolve_patches
 from app.grafting.base import load_base
 from app.grafting.checkpoint import save_checkpoint
 from app.grafting.data import write_user_data
-from app.grafting.finetune import DEFAULT_LR, FinetuneConfig, finetune
+from app.grafting.finetune import FinetuneConfig, finetune
 from app.grafting.heads import default_classifier_kind
 from app.grafting.patch import GraftPatch, grafted
 from app.grafting.stitch import member_patch, stitch
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     spec = data.head_spec(args.mode, args.template, words, kind, family=base.family)
     config = FinetuneConfig(
         optimizer=args.optimizer,
-        lr=args.lr or DEFAULT_LR[base.family],
+        lr=args.lr,
         epochs=args.epochs,
         batch_size=args.batch_size,
         weight_decay=args.weight_decay,

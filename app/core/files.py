@@ -3,6 +3,7 @@ a reader (this process or another) sees the old file or the new one, never half 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -47,3 +48,12 @@ def write_bytes_synced(data: bytes) -> Callable[[Path], None]:
             os.fsync(handle.fileno())
 
     return write
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks (never whole into memory)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -38,7 +38,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlparse
 
 from app.core.errors import StoreUnavailable, TaskNotFound
-from app.core.files import write_bytes_synced
+from app.core.files import sha256_file, write_bytes_synced
 from app.core.store import (
     STITCHED_MODEL_FILE,
     STITCHED_REPORT_FILE,
@@ -61,7 +61,7 @@ from app.core.store import (
     read_patch_meta_text,
 )
 from app.grafting.bounded_json import BoundedJSONError, loads_bounded
-from app.grafting.patch import PatchError, sha256_file
+from app.grafting.patch import PatchError
 
 if TYPE_CHECKING:
     from app.config import Settings
@@ -602,7 +602,7 @@ class ObjectTaskStore:
         shutil.rmtree(folder, ignore_errors=True)
 
     @contextmanager
-    def _open_upload(self, job_id: str) -> Iterator[Path]:
+    def open_upload(self, job_id: str) -> Iterator[Path]:
         check_upload_name(job_id)
         folder = self.scratch_dir / f"upload-{job_id}-{uuid.uuid4().hex[:8]}"
         folder.mkdir(parents=True)
@@ -618,9 +618,6 @@ class ObjectTaskStore:
             yield folder
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-
-    def open_upload(self, job_id: str) -> AbstractContextManager[Path]:
-        return self._open_upload(job_id)
 
     def delete_upload(self, job_id: str) -> None:
         check_upload_name(job_id)

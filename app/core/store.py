@@ -321,11 +321,8 @@ class LocalTaskStore:
         os.replace(folder, target)
 
     @contextmanager
-    def _open_upload(self, job_id: str) -> Iterator[Path]:
+    def open_upload(self, job_id: str) -> Iterator[Path]:
         yield self.upload_dir(job_id)
-
-    def open_upload(self, job_id: str) -> AbstractContextManager[Path]:
-        return self._open_upload(job_id)
 
     def delete_upload(self, job_id: str) -> None:
         shutil.rmtree(self.upload_dir(job_id), ignore_errors=True)

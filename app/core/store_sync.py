@@ -90,9 +90,7 @@ class StoreSync:
         self.on_change = on_change
         self.recheck_s = max(recheck_s, 0.2)
         self.redis_factory = redis_factory
-        self.notices_received = 0
         self._stop = threading.Event()
-        self._subscribed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="skillgraft-store-sync", daemon=True)
 
     def start(self) -> None:
@@ -101,10 +99,6 @@ class StoreSync:
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         self._thread.join(timeout)
-
-    def wait_subscribed(self, timeout: float) -> bool:
-        """Whether the notice subscription is up (tests and start-up logs wait on it)."""
-        return self._subscribed.wait(timeout)
 
     def _run(self) -> None:
         pubsub = None
@@ -122,14 +116,12 @@ class StoreSync:
                     message = pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
                 except Exception as exc:  # connection lost: resubscribe, then re-check everything
                     log.warning("change notices interrupted (%s); resubscribing", exc)
-                    self._subscribed.clear()
                     self._close(pubsub)
                     pubsub = None
                     continue
                 if message is not None and message.get("type") == "message":
                     notice = TaskNotice.decode(message.get("data"))
                     if notice is not None:
-                        self.notices_received += 1
                         self._changed(notice.task)
             else:
                 self._stop.wait(0.2)
@@ -147,7 +139,6 @@ class StoreSync:
         except Exception as exc:
             log.warning("cannot subscribe to change notices yet (%s)", exc)
             return None
-        self._subscribed.set()
         return pubsub
 
     def _sync(self) -> None:

@@ -46,6 +46,9 @@ class Target:
     in_features: int
     # Norm weights: x ↦ x̂, the module's input normalised without its affine weight.
     normalise: Normaliser | None = None
+    # Norm weights with an exact 0 somewhere: x̂ cannot be read off y = x̂·w there (checked once, at build; the base
+    # is pristine whenever a mixed batch runs, so this never changes, and a per-batch check would sync a GPU)
+    has_zero_weight: bool = False
 
 
 def _layer_norm_without_affine(module: nn.LayerNorm) -> Normaliser:
@@ -97,7 +100,8 @@ class DeltaTargets:
             for attr, role, width in roles:
                 if getattr(module, attr, None) is not None:
                     norm = normalise if role == NORM_WEIGHT else None
-                    targets.append(Target(len(targets), prefix + attr, module, role, width, norm))
+                    zero = role == NORM_WEIGHT and bool((module.weight == 0).any())
+                    targets.append(Target(len(targets), prefix + attr, module, role, width, norm, zero))
         self.targets = targets
         self.by_param = {target.param: target for target in targets}
         # Per slot: row width of a Linear weight, and where the parameter starts in the global index space.
@@ -243,7 +247,7 @@ class DeltaHooks:
             destination = (rows * (length * width_out) + out)[:, None] + steps * width_out
             if target.role == LINEAR_WEIGHT:
                 width_in = x.shape[-1]
-                flat_x = x.reshape(-1) if x.is_contiguous() else x.contiguous().view(-1)
+                flat_x = x.reshape(-1)
                 # entry e, position t reads x[rows[e], t, column[e]]
                 values = flat_x[(rows * (length * width_in) + plan.col[start:end])[:, None] + steps * width_in]
                 values *= delta
@@ -271,7 +275,7 @@ class DeltaHooks:
         base weight is nonzero: a gather instead of a second normalisation pass over the whole input."""
         module = target.module
         weight = module.weight[features]
-        if bool((weight == 0).any()):
+        if target.has_zero_weight and bool((weight == 0).any()):
             # y carries no information about x̂ there: normalise the input again (exact, slower).
             assert target.normalise is not None
             return target.normalise(x).reshape(-1)[destination]

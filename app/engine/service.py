@@ -85,6 +85,8 @@ class InferenceService:
         announce: Callable[[TaskNotice], None] | None = None,
     ) -> None:
         self.base = base
+        # the default eligible set's size, for /v1/info (the base never changes while it is served)
+        self.eligible_size = eligible_size(base.parameters, EligibleRule())
         self.store = store
         # tells the other replicas about a task this one changed (Redis pub/sub when configured)
         self.announce = announce
@@ -243,7 +245,7 @@ class InferenceService:
                 "family": self.base.family,
                 "model_type": self.base.model_type,
                 "num_parameters": self.base.num_parameters,
-                "eligible_size": eligible_size(self.base.parameters, EligibleRule()),
+                "eligible_size": self.eligible_size,
                 "hidden_size": self.base.hidden_size,
                 "fingerprint": self.base.fingerprint,
             },

@@ -25,6 +25,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from app.core.files import sha256_file  # noqa: E402
 from app.grafting.heads import Family, family_of  # noqa: E402
 from app.grafting.packaged_bases import DEFAULT_BASE, PACKAGED_BASES, BaseModelError  # noqa: E402
 
@@ -138,7 +139,7 @@ def converted_gguf(gguf: Path, cache_dir: Path | None = None) -> Path:
     under a temporary name and renamed into place, so concurrent first starts never see half a folder.
     """
     root = cache_dir or base_cache_dir()
-    folder = root / f"{gguf.stem}-{sha256_of(gguf)[:16]}"
+    folder = root / f"{gguf.stem}-{sha256_file(gguf)[:16]}"
     if (folder / "config.json").is_file():
         return folder
     from transformers import AutoModelForCausalLM, GgufConfig
@@ -168,14 +169,6 @@ def converted_gguf(gguf: Path, cache_dir: Path | None = None) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
-
-
-def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_extra_weights(folder: Path, encoder_names: set[str]) -> dict[str, torch.Tensor]:

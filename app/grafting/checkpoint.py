@@ -20,19 +20,17 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from app.core.files import atomic_write
+from app.core.files import atomic_write, sha256_file
 from app.grafting.base import BaseModel, EligibleRule, fingerprint_parameters, normalize_state_dict
 from app.grafting.bounded_json import BoundedJSONError, loads_bounded
 from app.grafting.heads import (
     CLASSIFIER_HEADS,
-    CLASSIFIER_TENSORS,
     HeadError,
     HeadSpec,
     default_classifier_kind,
     detect_classifier_kind,
     family_of,
 )
-from app.grafting.patch import sha256_file
 from app.grafting.patch_metadata import PatchMetadataError, head_spec_from_json
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -316,7 +314,7 @@ def split_for_base(checkpoint: Checkpoint, base: BaseModel) -> Checkpoint:
     body: dict[str, torch.Tensor] = {}
     head: dict[str, torch.Tensor] = {}
     problems: list[str] = []
-    known_head = {name for names in CLASSIFIER_TENSORS.values() for name in names}
+    known_head = {name for head in CLASSIFIER_HEADS.values() for name in head.tensor_names}
     for name, tensor in state.items():
         if name in params:
             expected = params[name]

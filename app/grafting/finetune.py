@@ -11,7 +11,7 @@ import copy
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -28,7 +28,8 @@ DEFAULT_LR = {"encoder": 2e-2, "decoder": 1e-2}
 @dataclass(frozen=True)
 class FinetuneConfig:
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 2e-2
+    # None: DEFAULT_LR for the base's family, resolved in finetune()
+    lr: float | None = None
     epochs: int = 10
     batch_size: int = 8
     weight_decay: float = 0.0
@@ -41,7 +42,7 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
-        if self.lr <= 0 or self.epochs <= 0 or self.batch_size <= 0:
+        if (self.lr is not None and self.lr <= 0) or self.epochs <= 0 or self.batch_size <= 0:
             raise ValueError("lr, epochs and batch_size must be positive")
         if self.l1 < 0:
             raise ValueError("l1 must be >= 0")
@@ -109,6 +110,8 @@ def finetune(
     pre = {name: p.detach().clone() for name, p in encoder.named_parameters() if p.requires_grad} if config.l1 else {}
     live = dict(encoder.named_parameters())
     frozen = _freeze(live, protect or {})
+    if config.lr is None:
+        config = replace(config, lr=DEFAULT_LR[base.family])
     if config.optimizer == "sgd":
         optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
     else:

@@ -100,8 +100,6 @@ CLASSIFIER_HEADS: dict[str, ClassifierHead] = {
         ),
     )
 }
-# Tensor names each classifier kind needs (derived from the table above).
-CLASSIFIER_TENSORS: dict[str, tuple[str, ...]] = {kind: head.tensor_names for kind, head in CLASSIFIER_HEADS.items()}
 
 
 class HeadError(ValueError):

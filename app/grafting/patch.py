@@ -359,11 +359,8 @@ def swapped_weights(
 ) -> contextlib.AbstractContextManager[None]:
     """Run a block with whole tensors ``values`` written into the live parameters (e.g. θ_ft's body); originals
     written back exactly after. Only tensors that differ are swapped (a fine-tune leaves the embeddings alone)."""
-    writes = {
-        name: (None, value)
-        for name, value in values.items()
-        if not torch.equal(value.to(parameters[name].device, parameters[name].dtype), parameters[name])
-    }
+    moved = {name: value.to(parameters[name].device, parameters[name].dtype) for name, value in values.items()}
+    writes = {name: (None, value) for name, value in moved.items() if not torch.equal(value, parameters[name])}
     return restored_after(write_saving(parameters, writes))
 
 
@@ -382,13 +379,3 @@ def materialize(pre: Mapping[str, torch.Tensor], patch: GraftPatch) -> dict[str,
     out = materialize_entries(pre, patch.entries)
     out.update({name: tensor.clone() for name, tensor in patch.head.items()})
     return out
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()

@@ -8,17 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from app.config import Settings, get_settings
 from app.grafting.base import BaseModel, EligibleRule
 from app.grafting.checkpoint import (
     Checkpoint,
-    CheckpointBaseMismatch,
     CheckpointError,
     HeadOverrides,
     HeadResolutionError,
-    PickledCheckpoint,
     UploadLimits,
     load_checkpoint,
     resolve_head,
@@ -33,18 +30,15 @@ from app.grafting.heads import (
 )
 from app.jobs.models import TaskSpec
 
-UploadProblem = Literal["invalid", "pickled", "other_base"]
-
 
 class UploadError(ValueError):
-    """An upload that cannot become a task; ``field`` names the part of the request at fault and ``problem`` says
-    what kind of refusal it is (malformed, a pickle, or fine-tuned from another base)."""
+    """An upload that cannot become a task; ``field`` names the part of the request at fault. Its cause (a
+    ``CheckpointError`` subclass, when the checkpoint is at fault) says what kind of refusal it is."""
 
-    def __init__(self, field: str, message: str, problem: UploadProblem = "invalid") -> None:
+    def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
-        self.problem = problem
 
 
 @dataclass
@@ -107,12 +101,7 @@ def load_job_inputs(
     try:
         checkpoint = split_for_base(load_checkpoint(paths.checkpoint, extract_dir, limits), base)
     except CheckpointError as exc:
-        problem: UploadProblem = "invalid"
-        if isinstance(exc, PickledCheckpoint):
-            problem = "pickled"
-        elif isinstance(exc, CheckpointBaseMismatch):
-            problem = "other_base"
-        raise UploadError("checkpoint", str(exc), problem) from exc
+        raise UploadError("checkpoint", str(exc)) from exc
     train_path = paths.data("train")
     if train_path is None:
         raise UploadError("train", "training data is missing")

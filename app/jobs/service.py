@@ -26,6 +26,7 @@ from app.core.store import TaskStore
 from app.core.store_sync import TASK_CHANNEL as TASK_CHANNEL
 from app.core.store_sync import RedisAnnouncer
 from app.grafting.base import BaseModel, load_base
+from app.grafting.checkpoint import CheckpointBaseMismatch, PickledCheckpoint
 from app.jobs.context import JobContext
 from app.jobs.errors import (
     CheckpointFromOtherBase,
@@ -95,7 +96,12 @@ class JobRequest:
 
 
 # How each kind of refused upload is answered (the HTTP status of each type: app.api.errors).
-UPLOAD_ERRORS: dict[str, type[InvalidUpload]] = {"pickled": UnsupportedUpload, "other_base": CheckpointFromOtherBase}
+UPLOAD_ERRORS: dict[type[Exception], type[InvalidUpload]] = {
+    PickledCheckpoint: UnsupportedUpload,
+    CheckpointBaseMismatch: CheckpointFromOtherBase,
+}
+# Deleting old failed uploads lists the whole uploads area (a bucket, with an object store): at most this often.
+SWEEP_INTERVAL_S = 600.0
 
 
 class JobService:
@@ -114,6 +120,7 @@ class JobService:
         self.uploads_dir = settings.store_dir / "uploads"
         self.uploads_dir.mkdir(parents=True, exist_ok=True)
         self._claims_lock = threading.Lock()
+        self._last_sweep = -SWEEP_INTERVAL_S
 
     @property
     def backend(self) -> str:
@@ -150,8 +157,20 @@ class JobService:
         )
         record, created = self.enqueue(request)
         if created:
-            sweep_failed_uploads(self._sweeper_context())
+            self._sweep_now_and_then()
         return record, created
+
+    def _sweep_now_and_then(self) -> None:
+        """Delete expired failed uploads, at most every ``SWEEP_INTERVAL_S``; the job is already queued, so a
+        store that cannot be listed right now must not turn its 202 into an error."""
+        now = time.monotonic()
+        if now - self._last_sweep < SWEEP_INTERVAL_S:
+            return
+        self._last_sweep = now
+        try:
+            sweep_failed_uploads(self._sweeper_context())
+        except Exception:
+            log.warning("sweeping failed uploads failed; will try again later", exc_info=True)
 
     def _validate_upload(self, staging: Staging, spec: TaskSpec) -> None:
         (staging.folder / "spec.json").write_text(spec.model_dump_json())
@@ -159,7 +178,7 @@ class JobService:
             limits = upload_limits(self.settings)
             load_job_inputs(UploadPaths(staging.folder), spec, self.base, staging.folder / "extracted", limits)
         except UploadError as exc:
-            error = UPLOAD_ERRORS.get(exc.problem, InvalidUpload)
+            error = UPLOAD_ERRORS.get(type(exc.__cause__), InvalidUpload)
             raise error(exc.field, exc.message) from exc
         shutil.rmtree(staging.folder / "extracted", ignore_errors=True)
 

@@ -23,7 +23,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from app.core.errors import TaskNotFound
-from app.core.store import STITCHED_DIR, STITCHED_MODEL_FILE, STITCHED_REPORT_FILE, TaskStore, check_task_name
+from app.core.store import STITCHED_DIR, STITCHED_MODEL_FILE, TaskStore, check_task_name
 from app.grafting.base import BaseModel
 from app.grafting.data import REGISTRY, DataError, load_dataset
 from app.grafting.heads import TaskModel, Tokenization
@@ -34,8 +34,6 @@ from app.jobs.context import JobContext, Phases, finish, is_cancelled, start, st
 from app.jobs.errors import StitchNotFound
 from app.jobs.models import JobRecord, JobState, StitchSpec, member_name
 
-MODEL_FILE = STITCHED_MODEL_FILE
-REPORT_FILE = STITCHED_REPORT_FILE
 EVAL_SEED = 0
 
 
@@ -124,7 +122,7 @@ def _score(ctx: JobContext, base: BaseModel, spec: StitchSpec, patch: GraftPatch
         test = random.Random(EVAL_SEED).sample(test, spec.eval_limit)
     if any(e.label >= patch.spec.num_labels for e in test):
         return {"evaluated": False, "reason": f"dataset {dataset!r} has more labels than the task's head"}
-    tokenization = Tokenization(base.tokenizer, patch.spec)
+    tokenization = Tokenization(base.tokenizer, patch.spec, family=base.family)
     encoded = tokenization.encode_many(test)
     labels = [e.label for e in test]
     out: dict[str, Any] = {"evaluated": True, "dataset": dataset, "examples": len(test)}
@@ -166,7 +164,7 @@ def _publish(
             "base_fingerprint": base.fingerprint,
             **stitched.summary(),
             "accuracy": scores,
-            "model": f"{STITCHED_DIR}/{spec.name}/{MODEL_FILE}",
+            "model": f"{STITCHED_DIR}/{spec.name}/{STITCHED_MODEL_FILE}",
         }
         ctx.tasks.put_stitched(spec.name, model_file, report)
     finally:

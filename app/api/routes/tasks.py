@@ -19,8 +19,6 @@ from app.jobs.errors import UnsupportedUpload
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
-# A pickle (protocol 2+) starts with PROTO and its version; torch.save writes a zip. A safetensors file starts with
-# an 8-byte header length followed by "{", which tells it apart from both even when its first byte is 0x80.
 
 PATCH_BODY: dict[str, Any] = {
     "requestBody": {

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from app import __version__
 from app.api.deps import ModelName, ServiceDep
-from app.api.errors import exception_response
+from app.api.errors import describe_validation_errors, exception_response
 from app.api.limits import ascii_int
 from app.api.schemas_v2 import (
     LABEL,
@@ -221,11 +221,7 @@ def parse_request(header: bytes) -> InferenceRequest:
     try:
         return InferenceRequest.model_validate(raw)
     except ValidationError as exc:
-        problems = []
-        for item in exc.errors()[:5]:
-            where = ".".join(str(part) for part in item.get("loc", ()))
-            problems.append(f"{where}: {item.get('msg', 'invalid')}" if where else str(item.get("msg", "invalid")))
-        raise InvalidInput("invalid inference request: " + "; ".join(problems)) from None
+        raise InvalidInput("invalid inference request: " + describe_validation_errors(exc.errors())) from None
 
 
 def unpack_bytes(name: str, raw: bytes) -> list[bytes]:
