@@ -96,6 +96,7 @@ def profile_base(base_name: str, batch: int, reps: int) -> dict[str, Any]:
     collated = tokenization.collate(tokenization.encode_many([Example(t, -1) for t in texts(batch, seed=4)]))
     device = next(base.encoder.parameters()).device
     collated = collated.to(device)
+    positions = int(collated.input_ids.shape[1])
 
     plain_hooks = DeltaHooks(targets)
     timed_hooks = TimedHooks(targets)
@@ -115,7 +116,7 @@ def profile_base(base_name: str, batch: int, reps: int) -> dict[str, Any]:
 
             def mixed(hooks: DeltaHooks) -> float:
                 start = time.process_time()
-                hooks.plan = build_plan(row_entries, targets, device)
+                hooks.plan = build_plan(row_entries, targets, device, positions)
                 planned = time.process_time()
                 try:
                     encoder_hidden(base.encoder, collated)

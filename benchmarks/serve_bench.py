@@ -237,15 +237,16 @@ def swap_timing(base: BaseModel, registry: TaskRegistry, batch: int) -> dict[str
     n_tasks = len(registry.store.list_names()) - 1
     rows = [registry.get(f"task{i % n_tasks:04d}").mixed_entries() for i in range(batch)]
     device = next(base.encoder.parameters()).device
+    tokenization = registry.get("base").tokenization
+    collated = tokenization.collate(tokenization.encode_many([Example(t, -1) for t in texts(batch, seed=4)])).to(device)
+    positions = int(collated.input_ids.shape[1])
     for _ in range(100):
         start = time.perf_counter()
-        build_plan(rows, registry.targets, device)
+        build_plan(rows, registry.targets, device, positions)
         plans.append(time.perf_counter() - start)
     # Paired forward passes on one 32-row batch of 32 tasks, alternated: plain base vs the same pass with every
     # row's delta added (mixed), and one task swapped in. On a shared machine this pairing is the steadiest view
     # of what the mixed path costs per batch.
-    tokenization = registry.get("base").tokenization
-    collated = tokenization.collate(tokenization.encode_many([Example(t, -1) for t in texts(batch, seed=4)])).to(device)
     hooks = DeltaHooks(registry.targets)
     plain_s, mixed_s, swapped_s = [], [], []
     try:
@@ -255,7 +256,7 @@ def swap_timing(base: BaseModel, registry: TaskRegistry, batch: int) -> dict[str
                 encoder_hidden(base.encoder, collated)
                 plain_s.append(time.perf_counter() - start)
                 start = time.perf_counter()
-                hooks.plan = build_plan(rows, registry.targets, device)
+                hooks.plan = build_plan(rows, registry.targets, device, positions)
                 try:
                     encoder_hidden(base.encoder, collated)
                 finally:

@@ -266,7 +266,7 @@ class Engine:
     @torch.inference_mode()
     def _run_mixed(self, rows: list[_Row]) -> None:
         batch = self._collate(rows)
-        self._hooks.plan = self._plan_for([row.task for row in rows])
+        self._hooks.plan = self._plan_for([row.task for row in rows], int(batch.input_ids.shape[1]))
         try:
             hidden = encoder_hidden(self.base.encoder, batch)
         finally:
@@ -287,14 +287,20 @@ class Engine:
         observe_batch("mixed", len(rows))
         self._count(rows)
 
-    def _plan_for(self, tasks: list[EngineTask]) -> Plan:
-        """The batch plan for rows of ``tasks`` (in row order), reused while consecutive mixed batches repeat the
-        same composition (steady traffic from the same clients): a plan depends only on the tasks, as the base is
-        pristine whenever a mixed batch runs. Held by task object, so a reloaded task never matches a stale plan."""
+    def _plan_for(self, tasks: list[EngineTask], length: int) -> Plan:
+        """The batch plan for rows of ``tasks`` (in row order) over ``length`` positions, reused while consecutive
+        mixed batches repeat the same composition and length (steady traffic from the same clients): a plan
+        depends only on those, as the base is pristine whenever a mixed batch runs. Held by task object, so a
+        reloaded task never matches a stale plan."""
         cached = self._last_plan
-        if cached is not None and len(cached[0]) == len(tasks) and all(map(operator.is_, cached[0], tasks)):
+        if (
+            cached is not None
+            and cached[1].length == length
+            and len(cached[0]) == len(tasks)
+            and all(map(operator.is_, cached[0], tasks))
+        ):
             return cached[1]
-        plan = build_plan([task.mixed_entries() for task in tasks], self.targets, self.device)
+        plan = build_plan([task.mixed_entries() for task in tasks], self.targets, self.device, length)
         self._last_plan = (tasks, plan)
         return plan
 

@@ -74,7 +74,7 @@ class BaseWeights:
         """Current values at global indices (take ``lock`` first if pristine values are needed). Without a flat
         buffer the values come back as float64, which holds every narrower float exactly."""
         if self.flat is not None:
-            return self.flat[indices]
+            return self.flat.index_select(0, indices)
         out = torch.empty(indices.numel(), dtype=torch.float64, device=indices.device)
         for flat, local, where in self._segments(indices):
             out[where] = flat[local].to(torch.float64)
