@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -44,38 +46,56 @@ def traffic(n_tasks: int, n_requests: int, seed: int) -> list[tuple[str, str]]:
     return [(f"task{rng.randrange(n_tasks):04d}", rng.choice(pool)) for _ in range(n_requests)]
 
 
-def engine_run(registry: TaskRegistry, load: list[tuple[str, str]], clients: int) -> dict[str, float]:
-    engine = Engine(registry.base, EngineConfig(), registry.weights)
+def engine_run(
+    registry: TaskRegistry, load: list[tuple[str, str]], clients: int, config: EngineConfig
+) -> dict[str, float]:
+    engine = Engine(registry.base, config, registry.weights)
     try:
         rows = []
         for name, text in load:
             task = registry.get(name)
             rows.append((task, task.tokenization.encode(Example(text, -1))))
         stream(engine, rows[:clients], clients)  # warm-up
+        before = (engine.stats.rows, engine.stats.batches)
         inputs_per_s, _ = stream(engine, rows, clients)
+        rows_per_batch = (engine.stats.rows - before[0]) / max(1, engine.stats.batches - before[1])
     finally:
         engine.close()
-    return {"inputs_per_s": inputs_per_s, "requests_per_s": inputs_per_s}
+    return {"inputs_per_s": inputs_per_s, "requests_per_s": inputs_per_s, "rows_per_batch": rows_per_batch}
 
 
-async def http_run(url: str, load: list[tuple[str, str]], clients: int) -> dict[str, float]:
+def server_batches(url: str) -> tuple[float, float]:
+    """(rows, batches) the server's engine has run so far, from its Prometheus metrics."""
     import httpx
 
+    totals = {"sum": 0.0, "count": 0.0}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        for kind in totals:
+            if line.startswith(f"skillgraft_batch_size_{kind}{{"):
+                totals[kind] += float(line.rsplit(" ", 1)[1])
+    return totals["sum"], totals["count"]
+
+
+async def http_run(url: str, load: list[tuple[str, str]], clients: int, generator: str = "raw") -> dict[str, float]:
+    """``clients`` closed-loop clients over keep-alive connections, each sending its next request as soon as the
+    previous answer arrived. The load generator's own CPU time is recorded: it shares this machine's cores with
+    the server, so a heavy client (httpx spends ~3 ms of CPU per request) starves the server and, by answering
+    late, breaks up the engine's batches."""
     latencies: list[float] = []
     queue = list(reversed(load))
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http:
+    post = _raw_poster if generator == "raw" else _httpx_poster
+    cpu_start = time.process_time()
+    async with post(url, clients) as send:
 
-        async def client() -> None:
+        async def client(connection: int) -> None:
             while queue:
                 task, text = queue.pop()
                 start = time.perf_counter()
-                response = await http.post("/v1/classify", json={"task": task, "inputs": [text]})
+                await send(connection, {"task": task, "inputs": [text]})
                 latencies.append(time.perf_counter() - start)
-                response.raise_for_status()
 
         start = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(clients)))
+        await asyncio.gather(*(client(i) for i in range(clients)))
         elapsed = time.perf_counter() - start
     latencies.sort()
     return {
@@ -83,7 +103,54 @@ async def http_run(url: str, load: list[tuple[str, str]], clients: int) -> dict[
         "inputs_per_s": len(latencies) / elapsed,
         "p50_ms": latencies[len(latencies) // 2] * 1e3,
         "p99_ms": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1e3,
+        "client_cpu_ms_per_request": (time.process_time() - cpu_start) / len(latencies) * 1e3,
     }
+
+
+Sender = Callable[[int, dict[str, Any]], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def _raw_poster(url: str, clients: int) -> AsyncIterator[Sender]:
+    """HTTP/1.1 POSTs written and parsed by hand over one keep-alive socket per client: a load generator that
+    costs tens of microseconds per request, like a client on another machine would cost this one."""
+    host, port = url.removeprefix("http://").split(":")
+    connections = [await asyncio.open_connection(host, int(port)) for _ in range(clients)]
+
+    async def send(connection: int, body: dict[str, Any]) -> None:
+        reader, writer = connections[connection]
+        payload = json.dumps(body).encode()
+        writer.write(
+            b"POST /v1/classify HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload)
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = next(
+            int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
+        )
+        answer = await reader.readexactly(length)
+        if status != 200:
+            raise RuntimeError(f"HTTP {status}: {answer[:300]!r}")
+
+    try:
+        yield send
+    finally:
+        for _, writer in connections:
+            writer.close()
+
+
+@contextlib.asynccontextmanager
+async def _httpx_poster(url: str, clients: int) -> AsyncIterator[Sender]:
+    import httpx
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http:
+
+        async def send(connection: int, body: dict[str, Any]) -> None:
+            (await http.post("/v1/classify", json=body)).raise_for_status()
+
+        yield send
 
 
 def main() -> None:
@@ -93,6 +160,13 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=100)
     parser.add_argument("--requests", type=int, default=256, help="single-input requests per run")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--load-generator",
+        choices=["raw", "httpx"],
+        default="raw",
+        help="raw: hand-written HTTP/1.1 over keep-alive sockets (light); httpx: a typical Python client (heavy)",
+    )
+    parser.add_argument("--max-batch-wait-ms", type=float, default=5.0, help="the batcher's wait, engine and server")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -104,7 +178,13 @@ def main() -> None:
     store_dir = root / "store"
     base = load_base(args.base)
     registry = TaskRegistry(write_store(base, store_dir, args.tasks), base, BaseWeights.of(base.encoder), 1 << 32, 128)
-    env = {"SKILLGRAFT_STORE_DIR": str(store_dir), "SKILLGRAFT_BASE_MODEL": args.base, "OMP_NUM_THREADS": "1"}
+    env = {
+        "SKILLGRAFT_STORE_DIR": str(store_dir),
+        "SKILLGRAFT_BASE_MODEL": args.base,
+        "SKILLGRAFT_MAX_BATCH_WAIT_MS": str(args.max_batch_wait_ms),
+        "OMP_NUM_THREADS": "1",
+    }
+    config = EngineConfig(max_batch_wait_ms=args.max_batch_wait_ms)
     (root / "logs").mkdir()
     procs = Processes(env, root / "logs")
     results = []
@@ -118,20 +198,27 @@ def main() -> None:
             load = traffic(args.tasks, args.requests, seed=clients)
             engine_runs, http_runs = [], []
             for _ in range(args.rounds):
-                engine_runs.append(engine_run(registry, load, clients))
-                http_runs.append(asyncio.run(http_run(url, load, clients)))
+                engine_runs.append(engine_run(registry, load, clients, config))
+                rows_before, batches_before = server_batches(url)
+                http_runs.append(asyncio.run(http_run(url, load, clients, args.load_generator)))
+                rows_after, batches_after = server_batches(url)
+                http_runs[-1]["rows_per_batch"] = (rows_after - rows_before) / max(1, batches_after - batches_before)
             row: dict[str, Any] = {"clients": clients, "engine_runs": engine_runs, "http_runs": http_runs}
             row["engine_inputs_per_s"] = statistics.median(r["inputs_per_s"] for r in engine_runs)
             row["http_inputs_per_s"] = statistics.median(r["inputs_per_s"] for r in http_runs)
             row["http_requests_per_s"] = statistics.median(r["requests_per_s"] for r in http_runs)
             row["p50_ms"] = statistics.median(r["p50_ms"] for r in http_runs)
             row["p99_ms"] = statistics.median(r["p99_ms"] for r in http_runs)
+            row["client_cpu_ms_per_request"] = statistics.median(r["client_cpu_ms_per_request"] for r in http_runs)
+            row["engine_rows_per_batch"] = statistics.median(r["rows_per_batch"] for r in engine_runs)
+            row["http_rows_per_batch"] = statistics.median(r["rows_per_batch"] for r in http_runs)
             row["http_over_engine"] = row["http_inputs_per_s"] / row["engine_inputs_per_s"]
             results.append(row)
             print(
                 f"{clients:>3} clients: engine {row['engine_inputs_per_s']:7.1f} inputs/s  http "
                 f"{row['http_inputs_per_s']:7.1f} inputs/s ({row['http_over_engine']:.3f})  p50 {row['p50_ms']:.1f} ms"
-                f"  p99 {row['p99_ms']:.1f} ms",
+                f"  p99 {row['p99_ms']:.1f} ms  rows/batch {row['engine_rows_per_batch']:.1f} vs "
+                f"{row['http_rows_per_batch']:.1f}  client {row['client_cpu_ms_per_request']:.2f} ms CPU/request",
                 flush=True,
             )
     finally:

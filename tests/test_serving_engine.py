@@ -237,5 +237,13 @@ def test_a_repeated_mixed_batch_reuses_its_plan_and_a_new_composition_does_not(
             assert torch.equal(a, b)
         service.engine.run(rows[: len(TEXTS)], timeout=60)
         assert service.engine._last_plan is not plan
+        # Same tasks, shorter inputs: a plan's flat indices are laid out for its batch's length, so no reuse.
+        short, _ = service.prepare(tasks, [TextInput("no") for _ in TEXTS])
+        service.engine.run(rows, timeout=60)
+        plan = service.engine._last_plan
+        assert plan is not None
+        service.engine.run(short, timeout=60)
+        assert service.engine._last_plan is not plan
+        assert service.engine._last_plan[1].length < plan[1].length
     finally:
         service.close()

@@ -272,12 +272,18 @@ class Engine:
         finally:
             self._hooks.plan = None
         out: list[torch.Tensor | None] = [None] * len(rows)
-        groups: dict[int, list[int]] = {}
+        # One head call per distinct head, not per task: prompt-mode tasks over one template share their label ids
+        # (the registry keeps one per head spec) and score against the same, unpatched, embedding table here.
+        groups: dict[object, list[int]] = {}
         for i, row in enumerate(rows):
-            groups.setdefault(id(row.task), []).append(i)
+            task = row.task
+            groups.setdefault(id(task) if task.head else (task.spec, id(task.label_ids)), []).append(i)
         for members in groups.values():
-            index = torch.tensor(members, device=self.device)
-            logits = self._head(rows[members[0]].task, hidden[index], batch.read_positions[index]).float().cpu()
+            if len(members) == len(rows):
+                logits = self._head(rows[0].task, hidden, batch.read_positions).float().cpu()
+            else:
+                index = torch.tensor(members, device=self.device)
+                logits = self._head(rows[members[0]].task, hidden[index], batch.read_positions[index]).float().cpu()
             for j, i in enumerate(members):
                 out[i] = logits[j]
         for row, logits_row in zip(rows, out, strict=True):
