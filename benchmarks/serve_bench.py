@@ -11,9 +11,10 @@ synthetic sentences of 10–20 words. Prints a table and writes benchmarks/resul
 
 Measured:
 * engine throughput (inputs/s) of the plain base (an empty patch) vs traffic spread uniformly over 1, 10, 100 and
-  1,000 tasks, for the swap-only policy (batches grouped by task), mixed, and the engine's own choice (auto); the
-  same closed-loop arrival stream (``--window`` single-input requests outstanding) and batch limits for all;
-  the base is re-measured before each task count so the ratios compare neighbouring runs on a shared machine;
+  1,000 tasks, and skewed (``--hot-shares``: 80% of inputs to one task, the rest over 100), for the swap-only
+  policy (batches grouped by task), mixed, and the engine's own choice (auto); the same closed-loop arrival
+  stream (``--window`` single-input requests outstanding) and batch limits for all; the base is re-measured in
+  interleaved, rotated rounds for each traffic so the ratios compare neighbouring runs on a shared machine;
 * patch apply + restore time per batch at sparsity 1e-4, and the mixed path's per-batch index building;
 * process RSS (fresh processes) with 1,000 tasks cached vs none; bytes per cached task and per patch entry
   (the registry's cache_info bytes over its tasks and their entries);
@@ -193,9 +194,14 @@ def engine_throughput(base: BaseModel, registry: TaskRegistry, args: argparse.Na
     # One long warm-up first: the first batches of a process run slower (allocator, kernel selection).
     run("swap", [(base_task, e) for e in encoded])
     results = []
-    for count in args.task_counts:
-        rng = random.Random(count)
-        assignment = [rng.randrange(count) for _ in encoded]  # uniform over `count` tasks, same texts for all
+    # Uniform traffic over each task count, then skewed traffic: one task takes ``share`` of the inputs and the
+    # rest spread over ``hot_tasks`` (where ``auto`` should swap the dominant task's rows and mix the others).
+    hot_tasks = max(count for count in args.task_counts if count <= 100)
+    cases = [(count, None) for count in args.task_counts] + [(hot_tasks, share) for share in args.hot_shares]
+    for count, share in cases:
+        rng = random.Random(count if share is None else int(share * 1000))
+        # same texts for all; uniform over `count` tasks, or task 0 with probability `share`
+        assignment = [0 if share is not None and rng.random() < share else rng.randrange(count) for _ in encoded]
         grafted = [(tasks[a], e) for a, e in zip(assignment, encoded, strict=True)]
         plain = [(base_task, e) for e in encoded]
         runs: dict[str, list[tuple[float, float]]] = {"base": [], "swap": [], "mixed": [], "auto": []}
@@ -205,7 +211,7 @@ def engine_throughput(base: BaseModel, registry: TaskRegistry, args: argparse.Na
             # Rotated order each round, so a slow drift of the machine's load favours no configuration.
             for name in order[round_index % 4 :] + order[: round_index % 4]:
                 runs[name].append(run("swap", plain) if name == "base" else run(name, grafted))
-        row: dict[str, Any] = {"tasks": count, "runs_wall_cpu": runs}
+        row: dict[str, Any] = {"tasks": count, "hot_share": share, "runs_wall_cpu": runs}
         for name, values in runs.items():
             row[name] = statistics.median(v[0] for v in values)
             row[f"{name}_cpu"] = statistics.median(v[1] for v in values)
@@ -213,8 +219,9 @@ def engine_throughput(base: BaseModel, registry: TaskRegistry, args: argparse.Na
             row[f"{policy}_ratio"] = row[policy] / row["base"]
             row[f"{policy}_cpu_ratio"] = row[f"{policy}_cpu"] / row["base_cpu"]
         results.append(row)
+        label = f"{count} tasks" if share is None else f"{count} tasks, {share:.0%} to one"
         print(
-            f"  {count:>5} tasks: base {row['base']:6.1f}/s  swap {row['swap']:6.1f} ({row['swap_ratio']:.3f}, "
+            f"  {label:>20}: base {row['base']:6.1f}/s  swap {row['swap']:6.1f} ({row['swap_ratio']:.3f}, "
             f"cpu {row['swap_cpu_ratio']:.3f})  mixed {row['mixed']:6.1f} ({row['mixed_ratio']:.3f}, cpu "
             f"{row['mixed_cpu_ratio']:.3f})  auto {row['auto']:6.1f} ({row['auto_ratio']:.3f}, cpu "
             f"{row['auto_cpu_ratio']:.3f})",
@@ -393,6 +400,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="interleaved repetitions per configuration")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--task-counts", type=int, nargs="+", default=[1, 10, 100, 1000])
+    parser.add_argument(
+        "--hot-shares",
+        type=float,
+        nargs="*",
+        default=[0.8],
+        help="skewed traffic rows: this share of inputs to one task, the rest uniform over the largest count ≤ 100",
+    )
     parser.add_argument("--http-clients", type=int, default=32)
     parser.add_argument("--http-requests", type=int, default=8, help="requests per HTTP client")
     parser.add_argument("--http-tasks", type=int, default=100)
@@ -471,7 +485,7 @@ def main() -> None:
     print("HTTP (real uvicorn)...", flush=True)
     http = http_bench(store_dir, min(args.http_tasks, n_tasks), args.http_clients, args.http_requests, args.base)
 
-    by_count = {row["tasks"]: row for row in throughput}
+    by_count = {row["tasks"]: row for row in throughput if row["hot_share"] is None}
 
     def at_least(count: int, key: str, target: float) -> bool | None:  # None: that task count was not run
         return None if count not in by_count else by_count[count][key] >= target
@@ -546,7 +560,8 @@ def print_table(r: dict[str, Any]) -> None:
         cells = [
             f"{row[p]:.1f} ({row[p + '_ratio']:.3f}; {row[p + '_cpu_ratio']:.3f})" for p in ("swap", "mixed", "auto")
         ]
-        print(f"| {row['tasks']} | {row['base']:.1f} | " + " | ".join(cells) + " |")
+        label = f"{row['tasks']}" if row["hot_share"] is None else f"{row['tasks']}, {row['hot_share']:.0%} to one"
+        print(f"| {label} | {row['base']:.1f} | " + " | ".join(cells) + " |")
     s, m, h, c = r["swap"], r["memory"], r["http"], r["cache"]
     print(
         f"\napply+restore per batch: {s['apply_restore_ms_median']:.3f} ms median, p99 {s['apply_restore_ms_p99']:.3f}"
