@@ -160,6 +160,28 @@ def test_auto_policy_swaps_single_task_batches_and_mixes_many(
         service.close()
 
 
+@pytest.mark.parametrize(("swap_min_rows", "swaps", "mixes"), [(4, 4, 0), (5, 0, 1)])
+def test_auto_swaps_a_task_with_enough_queued_rows_and_mixes_scattered_ones(
+    tiny_base: BaseModel, patches: list[GraftPatch], tmp_path: Path, swap_min_rows: int, swaps: int, mixes: int
+) -> None:
+    """Four tasks with four rows each, interleaved in one submission: no task fills 75% of the batch, so only
+    ``swap_min_rows`` decides between four swap batches and one mixed batch; the answers are the same."""
+    service = make_service(tiny_base, tmp_path, policy="auto", swap_min_rows=swap_min_rows)
+    try:
+        for patch in patches:
+            upload(service, patch)
+        rows, _ = service.prepare([p.task for p in patches], [TextInput(t) for t in TEXTS[:4]])
+        interleaved = [rows[task * 4 + i] for i in range(4) for task in range(len(patches))]
+        logits = service.engine.run(interleaved, timeout=60)
+        assert (service.engine.stats.swap_batches, service.engine.stats.mixed_batches) == (swaps, mixes)
+        for j, (task, _) in enumerate(interleaved):
+            reference = Reference(tiny_base, patches[[p.task for p in patches].index(task.name)])
+            expected = reference.logits([TEXTS[j // len(patches)]])[0]
+            torch.testing.assert_close(logits[j], expected, rtol=1e-5, atol=1e-5)
+    finally:
+        service.close()
+
+
 def test_text_pairs_reach_the_head(tiny_base: BaseModel, tmp_path: Path) -> None:
     patch = make_patch(tiny_base, "pairs", "classifier", 0.02)
     service = make_service(tiny_base, tmp_path, policy="swap")
