@@ -198,7 +198,10 @@ def test_concurrent_mixed_requests_match_single_request_references(
     rng = random.Random(0)
     requests = [(rng.choice(patches).task, rng.choice(TEXTS)) for _ in range(1000)]
     expected = {(task, text): references[task].probabilities(text) for task, text in set(requests)}
-    app = create_app(settings_for(tiny_base_dir, tmp_path, max_batch_size=32, max_batch_wait_ms=5.0))
+    # policy "mixed": with ~80 queued rows per task, `auto` would rightly run every batch as a swap
+    app = create_app(
+        settings_for(tiny_base_dir, tmp_path, max_batch_size=32, max_batch_wait_ms=5.0, engine_policy="mixed")
+    )
 
     async def drive() -> list[httpx.Response]:
         async with app.router.lifespan_context(app):
