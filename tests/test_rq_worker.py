@@ -75,6 +75,14 @@ def wait_state(
 
 
 @pytest.mark.slow
+def wait_removed(path: Path, timeout: float = 10) -> bool:
+    """The worker deletes a job's upload just after marking it succeeded: a poller can see the state first."""
+    deadline = time.monotonic() + timeout
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not path.exists()
+
+
 def test_worker_process_runs_job(service: JobService, workers: Processes, tiny_base: BaseModel, tmp_path: Path) -> None:
     checkpoint = write_checkpoint(tiny_base, tmp_path / "ckpt")
     record, created = service.submit(stage(service, checkpoint, jsonl(), jsonl(8)), spec("rq-task"))
@@ -83,7 +91,7 @@ def test_worker_process_runs_job(service: JobService, workers: Processes, tiny_b
     done = wait_state(service, record.id, {JobState.succeeded, JobState.failed}, 120, workers)
     assert done.state == JobState.succeeded, (done.error, workers.logs())
     assert service.tasks.list_names() == ["rq-task"]
-    assert not (service.uploads_dir / record.id).exists()
+    assert wait_removed(service.uploads_dir / record.id)
 
 
 @pytest.mark.slow
@@ -109,4 +117,4 @@ def test_sigkill_mid_job_runs_again_once(
     assert time.monotonic() - killed_at < 120
     assert service.tasks.list_names() == ["survivor"]
     assert list(service.tasks.staging_dir.iterdir()) == [], "no partial files"
-    assert not (service.uploads_dir / record.id).exists()
+    assert wait_removed(service.uploads_dir / record.id)
