@@ -196,7 +196,7 @@ def engine_throughput(base: BaseModel, registry: TaskRegistry, args: argparse.Na
     results = []
     # Uniform traffic over each task count, then skewed traffic: one task takes ``share`` of the inputs and the
     # rest spread over ``hot_tasks`` (where ``auto`` should swap the dominant task's rows and mix the others).
-    hot_tasks = max(count for count in args.task_counts if count <= 100)
+    hot_tasks = max((count for count in args.task_counts if count <= 100), default=min(args.task_counts))
     cases = [(count, None) for count in args.task_counts] + [(hot_tasks, share) for share in args.hot_shares]
     for count, share in cases:
         rng = random.Random(count if share is None else int(share * 1000))

@@ -10,9 +10,17 @@ import torch
 from transformers import LlamaForCausalLM
 
 from app.engine.service import TextInput
-from app.grafting.base import BaseModel, EligibleRule, eligible_size, is_norm, load_base, module_type_of
+from app.grafting.base import (
+    BaseModel,
+    EligibleRule,
+    eligible_size,
+    fingerprint_parameters,
+    is_norm,
+    load_base,
+    module_type_of,
+)
 from app.grafting.heads import Example, HeadError, HeadSpec, TaskModel, Tokenization, label_word_ids
-from app.grafting.patch import PatchError, build_patch, patch_to_bytes, validate_for_base
+from app.grafting.patch import GraftPatch, PatchError, build_patch, patch_to_bytes, validate_for_base
 from tests.utils.serving import TEXTS, Reference, checksum, make_service
 from tests.utils.tiny import random_finetune, tiny_prompt_spec
 
@@ -75,6 +83,19 @@ def test_decoder_heads_refuse_what_they_cannot_read(tiny_llama: BaseModel) -> No
     validate_for_base(patch, tiny_llama, max_length=64)
 
 
+def mixed_logits(base: BaseModel, patch: GraftPatch, store: Path) -> torch.Tensor:
+    """The logits of TEXTS with ``patch`` served alone through one mixed batch of a fresh service."""
+    service = make_service(base, store, policy="mixed")
+    try:
+        service.put_patch(patch.task, patch_to_bytes(patch))
+        rows, _ = service.prepare([patch.task], [TextInput(t) for t in TEXTS])
+        got = torch.stack(service.engine.run(rows, timeout=60))
+        assert service.engine.stats.mixed_batches == 1
+        return got
+    finally:
+        service.close()
+
+
 def test_rmsnorm_entries_mix_exactly(tiny_llama: BaseModel, tmp_path: Path) -> None:
     """A patch of RMSNorm weights only: the mixed path adds d·x̂ at the patched features, matching the graft."""
     ft = random_finetune(tiny_llama, seed=3, scale=0.2)
@@ -89,21 +110,14 @@ def test_rmsnorm_entries_mix_exactly(tiny_llama: BaseModel, tmp_path: Path) -> N
     )
     assert norms.mask_size > 0
     before = checksum(tiny_llama)
-    service = make_service(tiny_llama, tmp_path, policy="mixed")
-    try:
-        service.put_patch("norms", patch_to_bytes(norms))
-        rows, _ = service.prepare(["norms"], [TextInput(t) for t in TEXTS])
-        got = torch.stack(service.engine.run(rows, timeout=60))
-        assert service.engine.stats.mixed_batches == 1
-        want = Reference(tiny_llama, norms).logits(TEXTS)
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-        plain = Reference(
-            tiny_llama,
-            build_patch(tiny_llama.parameters, ft, {}, task="none", spec=spec, base_fingerprint=tiny_llama.fingerprint),
-        ).logits(TEXTS)
-        assert not torch.allclose(got, plain, atol=1e-4), "the norm entries changed nothing"
-    finally:
-        service.close()
+    got = mixed_logits(tiny_llama, norms, tmp_path)
+    want = Reference(tiny_llama, norms).logits(TEXTS)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    plain = Reference(
+        tiny_llama,
+        build_patch(tiny_llama.parameters, ft, {}, task="none", spec=spec, base_fingerprint=tiny_llama.fingerprint),
+    ).logits(TEXTS)
+    assert not torch.allclose(got, plain, atol=1e-4), "the norm entries changed nothing"
     assert checksum(tiny_llama) == before
 
 
@@ -114,8 +128,6 @@ def test_norm_entries_whose_base_weight_is_zero_mix_exactly(tiny_llama_dir: Path
     name = "layers.0.input_layernorm.weight"
     with torch.no_grad():
         base.parameters[name][:4] = 0.0
-    from app.grafting.base import fingerprint_parameters
-
     base.fingerprint = fingerprint_parameters(base.parameters)
     ft = {n: t.detach().clone() for n, t in base.parameters.items()}
     ft[name][:4] = 0.5
@@ -123,12 +135,5 @@ def test_norm_entries_whose_base_weight_is_zero_mix_exactly(tiny_llama_dir: Path
     mask[name][:4] = True
     spec = tiny_prompt_spec(base)
     revived = build_patch(base.parameters, ft, mask, task="revived", spec=spec, base_fingerprint=base.fingerprint)
-    service = make_service(base, tmp_path, policy="mixed")
-    try:
-        service.put_patch("revived", patch_to_bytes(revived))
-        rows, _ = service.prepare(["revived"], [TextInput(t) for t in TEXTS])
-        got = torch.stack(service.engine.run(rows, timeout=60))
-        assert service.engine.stats.mixed_batches == 1
-        torch.testing.assert_close(got, Reference(base, revived).logits(TEXTS), rtol=0, atol=1e-5)
-    finally:
-        service.close()
+    got = mixed_logits(base, revived, tmp_path)
+    torch.testing.assert_close(got, Reference(base, revived).logits(TEXTS), rtol=0, atol=1e-5)
