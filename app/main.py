@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 
 from app import __version__
-from app.api.auth import AuthMiddleware, KeyRing, declare_bearer
+from app.api.auth import AuthMiddleware, KeyRing
 from app.api.errors import install_error_handlers
 from app.api.limits import BodyLimit, BodySizeLimitMiddleware
 from app.api.openapi import install_openapi
@@ -107,7 +107,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description="One pretrained transformer in memory, many tasks as sparse graft patches applied per request.",
         lifespan=lifespan,
-        dependencies=[Depends(declare_bearer)],
     )
     app.state.settings = settings
     app.state.keys = KeyRing.from_settings(settings.read_keys, settings.admin_keys)

@@ -106,6 +106,12 @@ class ServiceCollector(Collector):
             batches.add_metric(["mixed"], stats.mixed_batches)
             batches.add_metric(["failed"], stats.failed_batches)
             yield batches
+            busy = CounterMetricFamily(
+                "skillgraft_engine_busy_seconds",
+                "Seconds the inference thread spent running batches (its rate is the engine's utilisation)",
+            )
+            busy.add_metric([], stats.busy_seconds)
+            yield busy
         jobs = getattr(self.state, "jobs", None)
         if jobs is not None:
             try:

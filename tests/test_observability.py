@@ -73,6 +73,8 @@ def test_metrics_and_request_ids(client: TestClient) -> None:
         sample = f'skillgraft_classified_inputs_total{{task="{task}"}}'
         assert metric(text, sample) - metric(before, sample) == 3.0
     assert "skillgraft_batch_size_count" in text
+    busy = "skillgraft_engine_busy_seconds_total"
+    assert metric(text, busy) > metric(before, busy)
     assert 'skillgraft_patch_swap_seconds_count{phase="apply"}' in text or 'path="mixed"' in text
     assert "skillgraft_patch_cache_tasks 2.0" in text
     assert 'skillgraft_jobs{state="queued"} 0.0' in text

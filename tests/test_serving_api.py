@@ -9,11 +9,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from app.config import Settings
-from app.engine.service import TextInput
+from app.engine.service import TextInput, softmax
 from app.grafting.base import BaseModel
 from app.grafting.patch import patch_to_bytes
 from app.main import create_app
@@ -78,8 +77,8 @@ def test_task_lifecycle_and_classify_matches_the_graft(client: TestClient, tiny_
     response = client.post("/v1/classify", json={"task": "sst2", "inputs": texts, "return_probabilities": True})
     assert response.status_code == 200, response.text
     (result,) = response.json()["results"]
-    want = torch.softmax(Reference(tiny_base, prompt).logits(texts).double(), dim=-1)
-    for prediction, row in zip(result["predictions"], want.tolist(), strict=True):
+    want = [softmax(logits) for logits in Reference(tiny_base, prompt).logits(texts).tolist()]
+    for prediction, row in zip(result["predictions"], want, strict=True):
         assert list(prediction["probabilities"].values()) == row  # swap path: bit-exact logits
         assert prediction["score"] == max(row)
         assert prediction["label"] == ("negative", "positive")[row.index(max(row))]

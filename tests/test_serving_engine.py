@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from app.core.errors import InferenceFailed
-from app.engine.service import InferenceService, TextInput
+from app.engine.service import InferenceService, TextInput, softmax
 from app.engine.weights import BaseWeights
 from app.grafting.base import BaseModel
 from app.grafting.heads import HeadSpec
@@ -269,3 +271,13 @@ def test_a_repeated_mixed_batch_reuses_its_plan_and_a_new_composition_does_not(
         assert service.engine._last_plan[1].length < plan[1].length
     finally:
         service.close()
+
+
+@given(st.lists(st.floats(-1e4, 1e4, width=32), min_size=1, max_size=40))
+def test_response_softmax_agrees_with_torch_in_double(logits: list[float]) -> None:
+    """The service turns logits into probabilities in plain Python (cheap on the event loop); it must say what
+    torch's double-precision softmax says, even for logits far apart, where a naive exp would overflow."""
+    ours = softmax(logits)
+    theirs = torch.softmax(torch.tensor(logits, dtype=torch.float64), dim=-1).tolist()
+    assert ours == pytest.approx(theirs, rel=1e-12, abs=1e-300)
+    assert sum(ours) == pytest.approx(1.0, abs=1e-12)

@@ -18,10 +18,8 @@ import hashlib
 import hmac
 import re
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Literal
 
-from fastapi import Security
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Send
 from starlette.types import Scope as ASGIScope
@@ -35,7 +33,9 @@ OPEN_PATHS = re.compile(r"^/(|health|ready|docs|redoc|openapi\.json|v2/health/(l
 # Writes that only read: inference.
 READ_WRITES = re.compile(r"^/(v1/classify|v2/models/[^/]+(/versions/[^/]+)?/infer)/?$")
 
-bearer = HTTPBearer(auto_error=False, description="API key with the `read` or `admin` scope")
+# How the OpenAPI document describes the key (``app.api.openapi`` adds it to every secured operation).
+BEARER_SCHEME_NAME = "HTTPBearer"
+BEARER_SCHEME = {"type": "http", "scheme": "bearer", "description": "API key with the `read` or `admin` scope"}
 
 
 @dataclass(frozen=True)
@@ -125,11 +125,3 @@ class AuthMiddleware:
             await error_response(scope["path"], status, code, str(exc), extra)(scope, receive, send)
             return
         await self.app(scope, receive, send)
-
-
-BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
-
-
-async def declare_bearer(credentials: BearerCredentials) -> None:
-    """App-wide dependency that only declares the Bearer scheme in the OpenAPI document: the key itself was
-    checked by ``AuthMiddleware`` before the request reached any route."""

@@ -1,5 +1,8 @@
 """The OpenAPI document tells the truth about security: probes and docs need no key, and an open service (no keys
-configured) declares no security at all."""
+configured) declares no security at all.
+
+The Bearer scheme is written into the document here rather than declared by a FastAPI security dependency: such
+a dependency would run on every request only to describe a key ``AuthMiddleware`` has already checked."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from app.api.auth import OPEN_PATHS
+from app.api.auth import BEARER_SCHEME, BEARER_SCHEME_NAME, OPEN_PATHS
 
 ERROR_CONTENT = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
 V2_ERROR_CONTENT = {
@@ -29,16 +32,15 @@ def install_openapi(app: FastAPI) -> None:
             for operation in operations.values():
                 if not isinstance(operation, dict):
                     continue
-                if not secured or OPEN_PATHS.match(path):
-                    operation.pop("security", None)
-                else:
+                if secured and not OPEN_PATHS.match(path):
+                    operation["security"] = [{BEARER_SCHEME_NAME: []}]
                     responses = operation.setdefault("responses", {})
                     # the Open Inference Protocol routes answer errors in its own shape: {"error": "..."}
                     content = V2_ERROR_CONTENT if path.startswith("/v2") else ERROR_CONTENT
                     for status, text in (("401", "Missing or invalid API key"), ("403", "The key lacks the scope")):
                         responses.setdefault(status, {"description": text, "content": content})
-        if not secured:
-            schema.get("components", {}).pop("securitySchemes", None)
+        if secured:
+            schema.setdefault("components", {})["securitySchemes"] = {BEARER_SCHEME_NAME: BEARER_SCHEME}
         app.openapi_schema = schema
         return schema
 

@@ -98,6 +98,8 @@ class EngineStats:
     swap_batches: int = 0
     mixed_batches: int = 0
     failed_batches: int = 0
+    # wall time inside batches: its rate against the clock is the inference thread's utilisation
+    busy_seconds: float = 0.0
 
 
 class Engine:
@@ -190,7 +192,9 @@ class Engine:
                         break
                     self._cond.wait(remaining)
                 batch = self._take_batch()
+            started = time.perf_counter()
             self._run_batch(batch)
+            self.stats.busy_seconds += time.perf_counter() - started
 
     def _take_batch(self) -> list[_Row]:
         """Choose the next batch's rows (caller holds the condition's lock)."""
