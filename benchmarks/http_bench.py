@@ -56,24 +56,35 @@ def engine_run(
             task = registry.get(name)
             rows.append((task, task.tokenization.encode(Example(text, -1))))
         stream(engine, rows[:clients], clients)  # warm-up
-        before = (engine.stats.rows, engine.stats.batches)
+        stats = engine.stats
+        before = (stats.rows, stats.batches, stats.busy_seconds)
         inputs_per_s, _ = stream(engine, rows, clients)
-        rows_per_batch = (engine.stats.rows - before[0]) / max(1, engine.stats.batches - before[1])
+        rows_per_batch = (stats.rows - before[0]) / max(1, stats.batches - before[1])
+        busy_fraction = (stats.busy_seconds - before[2]) * inputs_per_s / len(rows)
     finally:
         engine.close()
-    return {"inputs_per_s": inputs_per_s, "requests_per_s": inputs_per_s, "rows_per_batch": rows_per_batch}
+    return {
+        "inputs_per_s": inputs_per_s,
+        "requests_per_s": inputs_per_s,
+        "rows_per_batch": rows_per_batch,
+        "busy_fraction": busy_fraction,
+    }
 
 
-def server_batches(url: str) -> tuple[float, float]:
-    """(rows, batches) the server's engine has run so far, from its Prometheus metrics."""
+def server_engine_counters(url: str) -> dict[str, float]:
+    """Rows, batches and busy seconds the server's engine has run so far, from its Prometheus metrics."""
     import httpx
 
-    totals = {"sum": 0.0, "count": 0.0}
+    samples = {"rows": "skillgraft_batch_size_sum{", "batches": "skillgraft_batch_size_count{"}
+    totals = dict.fromkeys([*samples, "busy_seconds"], 0.0)
     for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
-        for kind in totals:
-            if line.startswith(f"skillgraft_batch_size_{kind}{{"):
-                totals[kind] += float(line.rsplit(" ", 1)[1])
-    return totals["sum"], totals["count"]
+        value = line.rsplit(" ", 1)[-1]
+        for kind, prefix in samples.items():
+            if line.startswith(prefix):
+                totals[kind] += float(value)
+        if line.startswith("skillgraft_engine_busy_seconds_total "):
+            totals["busy_seconds"] = float(value)
+    return totals
 
 
 async def http_run(url: str, load: list[tuple[str, str]], clients: int, generator: str = "raw") -> dict[str, float]:
@@ -199,10 +210,14 @@ def main() -> None:
             engine_runs, http_runs = [], []
             for _ in range(args.rounds):
                 engine_runs.append(engine_run(registry, load, clients, config))
-                rows_before, batches_before = server_batches(url)
-                http_runs.append(asyncio.run(http_run(url, load, clients, args.load_generator)))
-                rows_after, batches_after = server_batches(url)
-                http_runs[-1]["rows_per_batch"] = (rows_after - rows_before) / max(1, batches_after - batches_before)
+                before = server_engine_counters(url)
+                run = asyncio.run(http_run(url, load, clients, args.load_generator))
+                after = server_engine_counters(url)
+                run["rows_per_batch"] = (after["rows"] - before["rows"]) / max(1, after["batches"] - before["batches"])
+                # the share of the run the server's inference thread spent in batches
+                busy_seconds = after["busy_seconds"] - before["busy_seconds"]
+                run["busy_fraction"] = busy_seconds * run["requests_per_s"] / len(load)
+                http_runs.append(run)
             row: dict[str, Any] = {"clients": clients, "engine_runs": engine_runs, "http_runs": http_runs}
             row["engine_inputs_per_s"] = statistics.median(r["inputs_per_s"] for r in engine_runs)
             row["http_inputs_per_s"] = statistics.median(r["inputs_per_s"] for r in http_runs)
@@ -212,13 +227,16 @@ def main() -> None:
             row["client_cpu_ms_per_request"] = statistics.median(r["client_cpu_ms_per_request"] for r in http_runs)
             row["engine_rows_per_batch"] = statistics.median(r["rows_per_batch"] for r in engine_runs)
             row["http_rows_per_batch"] = statistics.median(r["rows_per_batch"] for r in http_runs)
+            row["engine_busy_fraction"] = statistics.median(r["busy_fraction"] for r in engine_runs)
+            row["http_busy_fraction"] = statistics.median(r["busy_fraction"] for r in http_runs)
             row["http_over_engine"] = row["http_inputs_per_s"] / row["engine_inputs_per_s"]
             results.append(row)
             print(
                 f"{clients:>3} clients: engine {row['engine_inputs_per_s']:7.1f} inputs/s  http "
                 f"{row['http_inputs_per_s']:7.1f} inputs/s ({row['http_over_engine']:.3f})  p50 {row['p50_ms']:.1f} ms"
                 f"  p99 {row['p99_ms']:.1f} ms  rows/batch {row['engine_rows_per_batch']:.1f} vs "
-                f"{row['http_rows_per_batch']:.1f}  client {row['client_cpu_ms_per_request']:.2f} ms CPU/request",
+                f"{row['http_rows_per_batch']:.1f}  engine busy {row['engine_busy_fraction']:.2f} vs "
+                f"{row['http_busy_fraction']:.2f}  client {row['client_cpu_ms_per_request']:.2f} ms CPU/request",
                 flush=True,
             )
     finally:
