@@ -56,9 +56,12 @@ def engine_run(
             task = registry.get(name)
             rows.append((task, task.tokenization.encode(Example(text, -1))))
         stream(engine, rows[:clients], clients)  # warm-up
+        # a batch's busy time is added just after it has answered its rows: let the last one's land
+        time.sleep(0.2)
         stats = engine.stats
         before = (stats.rows, stats.batches, stats.busy_seconds)
         inputs_per_s, _ = stream(engine, rows, clients)
+        time.sleep(0.2)
         rows_per_batch = (stats.rows - before[0]) / max(1, stats.batches - before[1])
         busy_fraction = (stats.busy_seconds - before[2]) * inputs_per_s / len(rows)
     finally:
