@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import anyio
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from app.core.errors import InferenceFailed
+from app.engine import service as service_module
 from app.engine.service import InferenceService, TextInput, softmax
 from app.engine.weights import BaseWeights
 from app.grafting.base import BaseModel
@@ -17,6 +20,7 @@ from app.grafting.heads import HeadSpec
 from app.grafting.patch import GraftPatch, build_patch, patch_to_bytes
 from tests.utils.serving import TEXTS, Reference, checksum, make_service
 from tests.utils.tiny import make_patch, random_finetune
+from tests.utils.tokens import assert_text_ids_match_the_wrapper
 
 MODES = ("prompt", "classifier", "prompt", "classifier")
 
@@ -281,3 +285,40 @@ def test_response_softmax_agrees_with_torch_in_double(logits: list[float]) -> No
     theirs = torch.softmax(torch.tensor(logits, dtype=torch.float64), dim=-1).tolist()
     assert ours == pytest.approx(theirs, rel=1e-12, abs=1e-300)
     assert sum(ours) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_small_cached_requests_skip_the_thread_hop_and_agree_with_it(
+    tiny_base: BaseModel, patches: list[GraftPatch], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request for cached tasks with little text is tokenised on the event loop; any other goes through a
+    worker thread. Both give the same predictions, and each counts one cache hit per task, not two."""
+    hops: list[object] = []
+    thread_run = anyio.to_thread.run_sync
+
+    async def counted(function: object, *args: object) -> object:
+        hops.append(function)
+        return await thread_run(function, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counted)
+    service = make_service(tiny_base, tmp_path)
+    try:
+        for patch in patches[:2]:
+            upload(service, patch)
+        tasks, inputs = [patches[0].task, patches[1].task], [TextInput(t) for t in TEXTS]
+        asyncio.run(service.classify(tasks, inputs))  # loads both tasks into the cache if the upload did not
+
+        hops.clear()
+        hits = service.registry.cache_info()["hits"]
+        on_loop = asyncio.run(service.classify(tasks, inputs, return_probabilities=True))
+        assert hops == [] and service.registry.cache_info()["hits"] == hits + 2
+
+        monkeypatch.setattr(service_module, "INLINE_PREPARE_MAX_CHARS", 10)  # now the same request is too big
+        in_thread = asyncio.run(service.classify(tasks, inputs, return_probabilities=True))
+        assert hops == [service.prepare] and service.registry.cache_info()["hits"] == hits + 4
+        assert in_thread == on_loop
+    finally:
+        service.close()
+
+
+def test_fast_token_ids_match_the_wrapper_on_both_tiny_families(tiny_any: BaseModel) -> None:
+    assert_text_ids_match_the_wrapper(tiny_any.tokenizer, TEXTS)

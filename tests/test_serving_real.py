@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 
 from app.grafting.base import BaseModel
+from app.grafting.data import load_dataset
 from tests.utils.serving import assert_swap_and_mixed_match
 from tests.utils.tiny import make_patch
+from tests.utils.tokens import assert_text_ids_match_the_wrapper
 
 pytestmark = pytest.mark.slow
 
@@ -20,3 +22,9 @@ def test_real_base_swap_and_mixed_match_the_materialized_graft(real_base: BaseMo
         make_patch(real_base, "real-c", "prompt", 1e-4, seed=3),
     ]
     assert_swap_and_mixed_match(real_base, patches, tmp_path, rtol=1e-5, atol=1e-5)
+
+
+def test_minilm_fast_token_ids_match_the_wrapper_on_real_text(real_base: BaseModel, data_dir: Path) -> None:
+    sst2, rte = load_dataset("sst2", data_dir), load_dataset("rte", data_dir)
+    texts = [e.text for e in sst2.dev] + [t for e in rte.train[:500] for t in (e.text, e.text_pair or "")]
+    assert_text_ids_match_the_wrapper(real_base.tokenizer, texts)
