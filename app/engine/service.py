@@ -1,8 +1,9 @@
 """The serving service: "classify these texts with these tasks", plus task management, below any protocol.
 
-The REST routes call it today; a KServe v2 front will call the same methods. It validates limits, resolves
-tasks through the registry and tokenises in worker threads (never in the inference thread, never under the
-weight lock), then awaits the engine. Nothing here imports FastAPI.
+The REST and KServe v2 routes call the same methods. It validates limits, resolves tasks through the registry
+and tokenises (never in the inference thread, never under the weight lock), then awaits the engine. A small
+request whose tasks are all cached is prepared on the event loop itself; a cache miss, a remote store or much
+text goes to a worker thread, since those may block. Nothing here imports FastAPI.
 """
 
 from __future__ import annotations
