@@ -137,6 +137,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(AuthMiddleware, keys=app.state.keys)
     app.add_middleware(RequestObservabilityMiddleware)
     bind_app_state(app.state)
-    for module in (health, info, tasks, jobs, classify, metrics, v2, skills, dashboard):
+    # Routes are tried in order: the inference routes, which carry nearly every request, come first.
+    for module in (classify, v2, health, info, tasks, jobs, metrics, skills, dashboard):
         app.include_router(module.router)
     return app
