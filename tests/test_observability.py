@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,7 +74,12 @@ def test_metrics_and_request_ids(client: TestClient) -> None:
         sample = f'skillgraft_classified_inputs_total{{task="{task}"}}'
         assert metric(text, sample) - metric(before, sample) == 3.0
     assert "skillgraft_batch_size_count" in text
+    # a batch's busy time is added just after its rows are answered: give the last one a moment to land
     busy = "skillgraft_engine_busy_seconds_total"
+    deadline = time.monotonic() + 10
+    while metric(text, busy) <= metric(before, busy) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        text = client.get("/metrics").text
     assert metric(text, busy) > metric(before, busy)
     assert 'skillgraft_patch_swap_seconds_count{phase="apply"}' in text or 'path="mixed"' in text
     assert "skillgraft_patch_cache_tasks 2.0" in text

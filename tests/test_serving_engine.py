@@ -304,7 +304,7 @@ def test_small_cached_requests_skip_the_thread_hop_and_agree_with_it(
     try:
         for patch in patches[:2]:
             upload(service, patch)
-        tasks, inputs = [patches[0].task, patches[1].task], [TextInput(t) for t in TEXTS]
+        tasks, inputs = [patches[0].task, patches[1].task], [TextInput(t) for t in TEXTS[:2]]
         asyncio.run(service.classify(tasks, inputs))  # loads both tasks into the cache if the upload did not
 
         hops.clear()
@@ -316,6 +316,11 @@ def test_small_cached_requests_skip_the_thread_hop_and_agree_with_it(
         in_thread = asyncio.run(service.classify(tasks, inputs, return_probabilities=True))
         assert hops == [service.prepare] and service.registry.cache_info()["hits"] == hits + 4
         assert in_thread == on_loop
+
+        monkeypatch.setattr(service_module, "INLINE_PREPARE_MAX_CHARS", 2048)
+        many_rows = [TextInput("ok")] * (service_module.INLINE_PREPARE_MAX_ROWS // len(tasks) + 1)  # tiny text
+        asyncio.run(service.classify(tasks, many_rows))
+        assert hops == [service.prepare, service.prepare]
     finally:
         service.close()
 

@@ -28,7 +28,9 @@ from app.grafting.base import BaseModel, EligibleRule, eligible_size
 from app.grafting.heads import Encoded, Example
 from app.grafting.patch import PatchError
 
-# A request with at most this much text (summed over inputs, times tasks) is tokenised on the event loop.
+# A request of at most this many rows (inputs × tasks) and this much text (summed over inputs, times tasks) is
+# tokenised on the event loop; a bigger one in a worker thread.
+INLINE_PREPARE_MAX_ROWS = 4
 INLINE_PREPARE_MAX_CHARS = 2048
 
 
@@ -181,12 +183,9 @@ class InferenceService:
         self, tasks: list[str], inputs: list[TextInput], cached: Sequence[EngineTask | None] = ()
     ) -> tuple[list[tuple[EngineTask, Encoded]], list[EngineTask]]:
         """Resolve tasks (loading on a miss) and tokenise: the blocking half of a request, run in a worker thread.
-        ``cached`` holds what ``cached_tasks`` already found (not looked up, nor counted, twice)."""
+        ``cached`` holds what ``cached_tasks`` already found: those are not looked up, nor counted, again."""
         known = list(cached) or [None] * len(tasks)
-        resolved = [
-            task or self.registry.lookup_cached(name) or self.registry.get(name)
-            for name, task in zip(tasks, known, strict=True)
-        ]
+        resolved = [task or self.registry.get(name) for name, task in zip(tasks, known, strict=True)]
         return self.encode_rows(resolved, inputs), resolved
 
     def cached_tasks(self, tasks: Sequence[str]) -> list[EngineTask | None]:
@@ -198,7 +197,10 @@ class InferenceService:
 
     @staticmethod
     def small_request(tasks: Sequence[str], inputs: Sequence[TextInput]) -> bool:
-        """Little enough text to tokenise on the event loop (well under a millisecond)."""
+        """Few enough rows and little enough text to tokenise on the event loop (each row has a fixed cost of
+        40-250 us by head and base, on top of its text)."""
+        if len(inputs) * len(tasks) > INLINE_PREPARE_MAX_ROWS:
+            return False
         chars = sum(len(item.text) + len(item.text_pair or "") for item in inputs)
         return chars * len(tasks) <= INLINE_PREPARE_MAX_CHARS
 

@@ -253,18 +253,19 @@ def text_ids(tokenizer: PreTrainedTokenizerBase) -> TextIds:
     wrapper (measured on both packaged bases), and that time holds the GIL the inference thread needs. It runs on
     a copy with truncation and padding off, because the wrapper leaves whatever its last call set (a classifier
     head's ``truncation=True``) on the backend it shares."""
-    with _TEXT_IDS_LOCK:
-        known = _TEXT_IDS.get(tokenizer)
-        if known is None:
-            known = _build_text_ids(tokenizer)
-            _TEXT_IDS[tokenizer] = known
-        return known
-
-
-def _build_text_ids(tokenizer: PreTrainedTokenizerBase) -> TextIds:
     backend: Any = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:  # a slow (pure Python) tokenizer has no backend to call
         return lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    with _TEXT_IDS_LOCK:
+        known = _TEXT_IDS.get(tokenizer)
+        if known is None:
+            known = _TEXT_IDS[tokenizer] = backend_text_ids(backend)
+        return known
+
+
+def backend_text_ids(backend: Any) -> TextIds:
+    """``text_ids`` on a copy of a Rust ``tokenizers.Tokenizer`` (the closure holds the copy, not the wrapper,
+    so the weak cache above can let the wrapper go)."""
     plain = type(backend).from_str(backend.to_str())
     plain.no_truncation()
     plain.no_padding()
