@@ -20,7 +20,7 @@ from app.grafting.heads import HeadSpec
 from app.grafting.patch import GraftPatch, build_patch, patch_to_bytes
 from tests.utils.serving import TEXTS, Reference, checksum, make_service
 from tests.utils.tiny import make_patch, random_finetune
-from tests.utils.tokens import assert_text_ids_match_the_wrapper
+from tests.utils.tokens import assert_classifier_encoding_matches_the_wrapper, assert_text_ids_match_the_wrapper
 
 MODES = ("prompt", "classifier", "prompt", "classifier")
 
@@ -327,3 +327,6 @@ def test_small_cached_requests_skip_the_thread_hop_and_agree_with_it(
 
 def test_fast_token_ids_match_the_wrapper_on_both_tiny_families(tiny_any: BaseModel) -> None:
     assert_text_ids_match_the_wrapper(tiny_any.tokenizer, TEXTS)
+    assert_classifier_encoding_matches_the_wrapper(
+        tiny_any.tokenizer, [(t, None) for t in TEXTS] + [(t, t[::-1]) for t in TEXTS]
+    )

@@ -10,7 +10,7 @@ from app.grafting.base import BaseModel
 from app.grafting.data import load_dataset
 from tests.utils.serving import assert_swap_and_mixed_match
 from tests.utils.tiny import make_patch
-from tests.utils.tokens import assert_text_ids_match_the_wrapper
+from tests.utils.tokens import assert_classifier_encoding_matches_the_wrapper, assert_text_ids_match_the_wrapper
 
 pytestmark = pytest.mark.slow
 
@@ -28,3 +28,5 @@ def test_minilm_fast_token_ids_match_the_wrapper_on_real_text(real_base: BaseMod
     sst2, rte = load_dataset("sst2", data_dir), load_dataset("rte", data_dir)
     texts = [e.text for e in sst2.dev] + [t for e in rte.train[:500] for t in (e.text, e.text_pair or "")]
     assert_text_ids_match_the_wrapper(real_base.tokenizer, texts)
+    pairs = [(e.text, None) for e in sst2.dev[:300]] + [(e.text, e.text_pair) for e in rte.train[:300]]
+    assert_classifier_encoding_matches_the_wrapper(real_base.tokenizer, pairs)

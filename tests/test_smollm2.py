@@ -20,7 +20,7 @@ from app.jobs.models import JobState, TaskSpec
 from app.jobs.service import build_job_service
 from tests.utils.serving import TEXTS, Reference, assert_swap_and_mixed_match, make_service
 from tests.utils.tiny import make_patch, random_finetune
-from tests.utils.tokens import assert_text_ids_match_the_wrapper
+from tests.utils.tokens import assert_classifier_encoding_matches_the_wrapper, assert_text_ids_match_the_wrapper
 from tests.utils.uploads import jsonl, stage
 
 pytestmark = pytest.mark.slow
@@ -94,3 +94,5 @@ def test_smollm2_fast_token_ids_match_the_wrapper_on_real_text(smollm2: BaseMode
     sst2, rte = load_dataset("sst2", data_dir), load_dataset("rte", data_dir)
     texts = [e.text for e in sst2.dev] + [t for e in rte.train[:500] for t in (e.text, e.text_pair or "")]
     assert_text_ids_match_the_wrapper(smollm2.tokenizer, texts)
+    pairs = [(e.text, None) for e in sst2.dev[:300]] + [(e.text, e.text_pair) for e in rte.train[:300]]
+    assert_classifier_encoding_matches_the_wrapper(smollm2.tokenizer, pairs)

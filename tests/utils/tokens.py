@@ -1,12 +1,12 @@
-"""Checks that the tokenizer fast path gives the ids the transformers wrapper gives."""
+"""Checks that the tokenizer fast path gives what the transformers wrapper gives."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from app.grafting.heads import backend_text_ids, text_ids
+from app.grafting.heads import Example, FastTokenizer, HeadSpec, Tokenization, text_ids
 
 AWKWARD_TEXTS = (
     "",
@@ -22,10 +22,33 @@ def assert_text_ids_match_the_wrapper(tokenizer: PreTrainedTokenizerBase, texts:
     # a classifier head's call leaves truncation set on the wrapper's backend: a copy taken now must not inherit it
     # (``text_ids`` may have copied the backend earlier in the session, so a fresh copy is checked too)
     tokenizer("a " * 400, truncation=True, max_length=8)
-    fresh, cached = backend_text_ids(tokenizer.backend_tokenizer), text_ids(tokenizer)
+    fresh, cached = FastTokenizer(tokenizer.backend_tokenizer).text_ids, text_ids(tokenizer)
     checked = 0
     for text in (*AWKWARD_TEXTS, *texts):
         want = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert fresh(text) == want and cached(text) == want, text
         checked += 1
     assert len(fresh("a " * 400)) > 8 and checked > len(AWKWARD_TEXTS)
+
+
+def assert_classifier_encoding_matches_the_wrapper(
+    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str | None]]
+) -> None:
+    """A classifier head's ids, token types, read position and truncation flag, at a limit most pairs pass and
+    at one few fit, as the wrapper's ``truncation=True`` call gives them."""
+    assert tokenizer.is_fast
+    spec = HeadSpec("classifier", ("a", "b"))
+    cases = [*pairs, *((text, None) for text in AWKWARD_TEXTS), ("a " * 300, "b " * 200)]
+    cut = 0
+    for max_length in (16, 128):
+        tokenization = Tokenization(tokenizer, spec, max_length)
+        for text, pair in cases:
+            got = tokenization.encode(Example(text, -1, pair))
+            want = tokenizer(text, pair, truncation=True, max_length=max_length)
+            ids = list(want["input_ids"])
+            types = list(want.get("token_type_ids") or [0] * len(ids))
+            longer = len(tokenizer(text, pair)["input_ids"]) > max_length
+            assert (got.input_ids, got.token_type_ids, got.truncated) == (ids, types, longer), (text, pair)
+            assert got.read_position == (len(ids) - 1 if tokenization.family == "decoder" else 0)
+            cut += longer
+    assert cut > 0  # the short limit did truncate
