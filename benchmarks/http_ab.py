@@ -8,7 +8,7 @@ to the HTTP layer are worth. Here each revision is checked out into a temporary 
 round runs the engine alone on that round's traffic, then each server in turn (the order rotates per round), so
 every revision meets the same conditions. Reported per revision: the median HTTP/engine ratio over the rounds,
 and per round the ratio of each revision's HTTP inputs/s to the first revision's. Writes
-benchmarks/results/http_ab_<base>.json.
+benchmarks/results/http_ab_<base>_<clients>clients.json.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def main() -> None:
             f"| {c} | {row['http_over_engine']:.3f} | {row['min']:.3f}–{row['max']:.3f} | "
             f"{row['http_over_reference']:.3f} ({row['rounds_faster_than_reference']} of {args.rounds} rounds faster) |"
         )
-    out = REPO / "benchmarks" / "results" / f"http_ab_{args.base}.json"
+    out = REPO / "benchmarks" / "results" / f"http_ab_{args.base}_{args.clients}clients.json"
     record_out = {
         "measured_at": datetime.now(UTC).isoformat(),
         "args": vars(args),
