@@ -20,7 +20,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,12 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from app.engine.engine import EngineConfig  # noqa: E402
-from app.engine.registry import TaskRegistry  # noqa: E402
-from app.engine.weights import BaseWeights  # noqa: E402
-from app.grafting.base import load_base  # noqa: E402
 from app.grafting.packaged_bases import PACKAGED_BASES  # noqa: E402
-from benchmarks.http_bench import engine_run, http_run, server_engine_counters, traffic  # noqa: E402
-from benchmarks.serve_bench import write_store  # noqa: E402
+from benchmarks.http_bench import engine_run, http_run, server_engine_counters, serving_setup, traffic  # noqa: E402
 
 
 def git(*args: str) -> str:
@@ -84,16 +79,7 @@ def main() -> None:
     torch.set_num_threads(1)
     import httpx
 
-    root = Path(tempfile.mkdtemp(prefix="http-ab-"))
-    base = load_base(args.base)
-    store_dir = root / "store"
-    registry = TaskRegistry(write_store(base, store_dir, args.tasks), base, BaseWeights.of(base.encoder), 1 << 32, 128)
-    env = {
-        "SKILLGRAFT_STORE_DIR": str(store_dir),
-        "SKILLGRAFT_BASE_MODEL": args.base,
-        "SKILLGRAFT_MAX_BATCH_WAIT_MS": str(args.max_batch_wait_ms),
-        "OMP_NUM_THREADS": "1",
-    }
+    root, registry, env = serving_setup(args.base, args.tasks, args.max_batch_wait_ms, "http-ab-")
     commits = [git("rev-parse", "--short", revision) for revision in args.revisions]
     trees: list[Path] = []
     servers: list[tuple[subprocess.Popen[bytes], str]] = []

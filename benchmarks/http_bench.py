@@ -40,6 +40,24 @@ from app.grafting.packaged_bases import PACKAGED_BASES  # noqa: E402
 from benchmarks.serve_bench import stream, texts, write_store  # noqa: E402
 
 
+def serving_setup(
+    base_name: str, n_tasks: int, max_batch_wait_ms: float, prefix: str
+) -> tuple[Path, TaskRegistry, dict[str, str]]:
+    """A temporary folder with a store of ``n_tasks`` synthetic patches, the registry the engine-alone runs read
+    it through, and the environment a ``skillgraft serve`` needs to serve that store on one torch thread."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    store_dir = root / "store"
+    base = load_base(base_name)
+    registry = TaskRegistry(write_store(base, store_dir, n_tasks), base, BaseWeights.of(base.encoder), 1 << 32, 128)
+    env = {
+        "SKILLGRAFT_STORE_DIR": str(store_dir),
+        "SKILLGRAFT_BASE_MODEL": base_name,
+        "SKILLGRAFT_MAX_BATCH_WAIT_MS": str(max_batch_wait_ms),
+        "OMP_NUM_THREADS": "1",
+    }
+    return root, registry, env
+
+
 def traffic(n_tasks: int, n_requests: int, seed: int) -> list[tuple[str, str]]:
     rng = random.Random(seed)
     pool = texts(64, seed=2)
@@ -188,16 +206,7 @@ def main() -> None:
 
     from tests.utils.processes import Processes
 
-    root = Path(tempfile.mkdtemp(prefix="http-bench-"))
-    store_dir = root / "store"
-    base = load_base(args.base)
-    registry = TaskRegistry(write_store(base, store_dir, args.tasks), base, BaseWeights.of(base.encoder), 1 << 32, 128)
-    env = {
-        "SKILLGRAFT_STORE_DIR": str(store_dir),
-        "SKILLGRAFT_BASE_MODEL": args.base,
-        "SKILLGRAFT_MAX_BATCH_WAIT_MS": str(args.max_batch_wait_ms),
-        "OMP_NUM_THREADS": "1",
-    }
+    root, registry, env = serving_setup(args.base, args.tasks, args.max_batch_wait_ms, "http-bench-")
     config = EngineConfig(max_batch_wait_ms=args.max_batch_wait_ms)
     (root / "logs").mkdir()
     procs = Processes(env, root / "logs")

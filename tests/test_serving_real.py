@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 
 from app.grafting.base import BaseModel
-from app.grafting.data import load_dataset
 from tests.utils.serving import assert_swap_and_mixed_match
 from tests.utils.tiny import make_patch
-from tests.utils.tokens import assert_classifier_encoding_matches_the_wrapper, assert_text_ids_match_the_wrapper
+from tests.utils.tokens import assert_fast_path_matches_the_wrapper_on_real_text
 
 pytestmark = pytest.mark.slow
 
@@ -25,8 +24,4 @@ def test_real_base_swap_and_mixed_match_the_materialized_graft(real_base: BaseMo
 
 
 def test_minilm_fast_token_ids_match_the_wrapper_on_real_text(real_base: BaseModel, data_dir: Path) -> None:
-    sst2, rte = load_dataset("sst2", data_dir), load_dataset("rte", data_dir)
-    texts = [e.text for e in sst2.dev] + [t for e in rte.train[:500] for t in (e.text, e.text_pair or "")]
-    assert_text_ids_match_the_wrapper(real_base.tokenizer, texts)
-    pairs = [(e.text, None) for e in sst2.dev[:300]] + [(e.text, e.text_pair) for e in rte.train[:300]]
-    assert_classifier_encoding_matches_the_wrapper(real_base.tokenizer, pairs)
+    assert_fast_path_matches_the_wrapper_on_real_text(real_base.tokenizer, data_dir)

@@ -14,13 +14,12 @@ from app.core.store import LocalTaskStore
 from app.engine.service import TextInput
 from app.grafting.base import BaseModel, EligibleRule, eligible_size, load_base
 from app.grafting.checkpoint import save_checkpoint
-from app.grafting.data import load_dataset
 from app.grafting.heads import HeadSpec
 from app.jobs.models import JobState, TaskSpec
 from app.jobs.service import build_job_service
 from tests.utils.serving import TEXTS, Reference, assert_swap_and_mixed_match, make_service
 from tests.utils.tiny import make_patch, random_finetune
-from tests.utils.tokens import assert_classifier_encoding_matches_the_wrapper, assert_text_ids_match_the_wrapper
+from tests.utils.tokens import assert_fast_path_matches_the_wrapper_on_real_text
 from tests.utils.uploads import jsonl, stage
 
 pytestmark = pytest.mark.slow
@@ -91,8 +90,4 @@ def test_smollm2_upload_job_and_classify(smollm2: BaseModel, tmp_path: Path) -> 
 
 
 def test_smollm2_fast_token_ids_match_the_wrapper_on_real_text(smollm2: BaseModel, data_dir: Path) -> None:
-    sst2, rte = load_dataset("sst2", data_dir), load_dataset("rte", data_dir)
-    texts = [e.text for e in sst2.dev] + [t for e in rte.train[:500] for t in (e.text, e.text_pair or "")]
-    assert_text_ids_match_the_wrapper(smollm2.tokenizer, texts)
-    pairs = [(e.text, None) for e in sst2.dev[:300]] + [(e.text, e.text_pair) for e in rte.train[:300]]
-    assert_classifier_encoding_matches_the_wrapper(smollm2.tokenizer, pairs)
+    assert_fast_path_matches_the_wrapper_on_real_text(smollm2.tokenizer, data_dir)

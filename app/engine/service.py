@@ -148,8 +148,9 @@ class InferenceService:
         if not self.ready:
             raise NotReady("the inference engine is not running")
         self.check_request(tasks, inputs)
-        cached = self.cached_tasks(tasks)
-        if all(cached) and self.small_request(tasks, inputs):
+        # a big request is prepared in the thread without looking at the cache here first
+        cached = self.cached_tasks(tasks) if self.small_request(tasks, inputs) else []
+        if cached and all(cached):
             # a thread hop costs more than tokenising a sentence: each hands the GIL to and fro with the inference
             # thread (http_bench, 32 clients, MiniLM: see the README's HTTP table)
             resolved = [task for task in cached if task is not None]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
+from app.grafting.data import load_dataset
 from app.grafting.heads import Example, FastTokenizer, HeadSpec, Tokenization, text_ids
 
 AWKWARD_TEXTS = (
@@ -52,3 +54,12 @@ def assert_classifier_encoding_matches_the_wrapper(
             assert got.read_position == (len(ids) - 1 if tokenization.family == "decoder" else 0)
             cut += longer
     assert cut > 0  # the short limit did truncate
+
+
+def assert_fast_path_matches_the_wrapper_on_real_text(tokenizer: PreTrainedTokenizerBase, data_dir: Path) -> None:
+    """Both checks above on SST-2 dev sentences and RTE train pairs."""
+    sst2, rte = load_dataset("sst2", data_dir), load_dataset("rte", data_dir)
+    texts = [e.text for e in sst2.dev] + [t for e in rte.train[:500] for t in (e.text, e.text_pair or "")]
+    assert_text_ids_match_the_wrapper(tokenizer, texts)
+    pairs = [(e.text, None) for e in sst2.dev[:300]] + [(e.text, e.text_pair) for e in rte.train[:300]]
+    assert_classifier_encoding_matches_the_wrapper(tokenizer, pairs)
