@@ -6,8 +6,10 @@ For each client count: (a) the engine alone, in this process, on the same traffi
 single-input requests outstanding, tasks drawn uniformly from ``--tasks`` synthetic patches), and (b) the same
 loop of ``POST /v1/classify`` requests through ``skillgraft serve`` (a real uvicorn subprocess on loopback).
 Both run torch on one thread (``OMP_NUM_THREADS=1`` for the server), so the ratio http/engine says what the
-protocol layer costs. Engine and HTTP runs alternate (``--rounds``); the medians are reported. Writes
-benchmarks/results/http_bench_<base>.json.
+protocol layer costs. Engine and HTTP runs alternate (``--rounds``); the medians are reported. On Linux the
+server's threads' CPU time is read from /proc around each HTTP run: the event loop's (main thread) CPU per request
+and its share of the run, which bounds the ratio where the inference thread cannot run without the GIL meanwhile.
+Writes benchmarks/results/http_bench_<base>.json.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import random
 import statistics
 import sys
@@ -90,6 +93,27 @@ def engine_run(
         "rows_per_batch": rows_per_batch,
         "busy_fraction": busy_fraction,
     }
+
+
+def thread_cpu_seconds(pid: int) -> tuple[float, float] | None:
+    """CPU seconds (user + system) of a process's main thread, which runs the server's event loop, and of all its
+    other threads together (the inference thread, worker threads), from /proc; None where there is no /proc."""
+    tasks = Path(f"/proc/{pid}/task")
+    if not tasks.is_dir():
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    main_thread = other_threads = 0.0
+    for task in tasks.iterdir():
+        with contextlib.suppress(OSError):
+            stat = (task / "stat").read_text()
+            # fields after the parenthesised name: utime and stime are the 12th and 13th
+            fields = stat[stat.rindex(")") + 2 :].split()
+            seconds = (int(fields[11]) + int(fields[12])) / ticks
+            if int(task.name) == pid:
+                main_thread += seconds
+            else:
+                other_threads += seconds
+    return main_thread, other_threads
 
 
 def server_engine_counters(url: str) -> dict[str, float]:
@@ -213,6 +237,7 @@ def main() -> None:
     results = []
     try:
         url = procs.server(timeout=300)
+        server_pid = procs.procs[-1].pid
         # Warm the server's task cache: loading a patch is not serving latency.
         with httpx.Client(base_url=url, timeout=300) as http:
             for i in range(args.tasks):
@@ -223,8 +248,19 @@ def main() -> None:
             for _ in range(args.rounds):
                 engine_runs.append(engine_run(registry, load, clients, config))
                 before = server_engine_counters(url)
+                cpu_before = thread_cpu_seconds(server_pid)
                 run = asyncio.run(http_run(url, load, clients, args.load_generator))
+                cpu_after = thread_cpu_seconds(server_pid)
                 after = server_engine_counters(url)
+                if cpu_before and cpu_after:
+                    # The event loop's CPU share of the run: while it holds the GIL, the inference thread waits
+                    # for it between operators (all the time on a base whose operators are short).
+                    run["loop_cpu_ms_per_request"] = (cpu_after[0] - cpu_before[0]) / len(load) * 1e3
+                    run["other_threads_cpu_ms_per_request"] = (cpu_after[1] - cpu_before[1]) / len(load) * 1e3
+                    run["loop_cpu_share"] = run["loop_cpu_ms_per_request"] * run["requests_per_s"] / 1e3
+                    run["other_threads_cpu_share"] = (
+                        run["other_threads_cpu_ms_per_request"] * run["requests_per_s"] / 1e3
+                    )
                 run["rows_per_batch"] = (after["rows"] - before["rows"]) / max(1, after["batches"] - before["batches"])
                 # the share of the run the server's inference thread spent in batches
                 busy_seconds = after["busy_seconds"] - before["busy_seconds"]
@@ -242,13 +278,22 @@ def main() -> None:
             row["engine_busy_fraction"] = statistics.median(r["busy_fraction"] for r in engine_runs)
             row["http_busy_fraction"] = statistics.median(r["busy_fraction"] for r in http_runs)
             row["http_over_engine"] = row["http_inputs_per_s"] / row["engine_inputs_per_s"]
+            for key in ("loop_cpu_ms_per_request", "loop_cpu_share", "other_threads_cpu_share"):
+                if all(key in r for r in http_runs):
+                    row[key] = statistics.median(r[key] for r in http_runs)
             results.append(row)
             print(
                 f"{clients:>3} clients: engine {row['engine_inputs_per_s']:7.1f} inputs/s  http "
                 f"{row['http_inputs_per_s']:7.1f} inputs/s ({row['http_over_engine']:.3f})  p50 {row['p50_ms']:.1f} ms"
                 f"  p99 {row['p99_ms']:.1f} ms  rows/batch {row['engine_rows_per_batch']:.1f} vs "
                 f"{row['http_rows_per_batch']:.1f}  engine busy {row['engine_busy_fraction']:.2f} vs "
-                f"{row['http_busy_fraction']:.2f}  client {row['client_cpu_ms_per_request']:.2f} ms CPU/request",
+                f"{row['http_busy_fraction']:.2f}  client {row['client_cpu_ms_per_request']:.2f} ms CPU/request"
+                + (
+                    f"  server loop {row['loop_cpu_ms_per_request']:.2f} ms CPU/request ({row['loop_cpu_share']:.2f}"
+                    f" of the run, other threads {row['other_threads_cpu_share']:.2f})"
+                    if "loop_cpu_share" in row
+                    else ""
+                ),
                 flush=True,
             )
     finally:
