@@ -81,7 +81,10 @@ def engine_run(
         time.sleep(0.2)
         stats = engine.stats
         before = (stats.rows, stats.batches, stats.busy_seconds)
+        cpu_before = time.process_time()
         inputs_per_s, _ = stream(engine, rows, clients)
+        # this process's CPU over the run, against the server's threads' share in an HTTP run
+        cpu_share = (time.process_time() - cpu_before) * inputs_per_s / len(rows)
         time.sleep(0.2)
         rows_per_batch = (stats.rows - before[0]) / max(1, stats.batches - before[1])
         busy_fraction = (stats.busy_seconds - before[2]) * inputs_per_s / len(rows)
@@ -92,6 +95,7 @@ def engine_run(
         "requests_per_s": inputs_per_s,
         "rows_per_batch": rows_per_batch,
         "busy_fraction": busy_fraction,
+        "cpu_share": cpu_share,
     }
 
 
@@ -278,6 +282,7 @@ def main() -> None:
             row["engine_busy_fraction"] = statistics.median(r["busy_fraction"] for r in engine_runs)
             row["http_busy_fraction"] = statistics.median(r["busy_fraction"] for r in http_runs)
             row["http_over_engine"] = row["http_inputs_per_s"] / row["engine_inputs_per_s"]
+            row["engine_cpu_share"] = statistics.median(r["cpu_share"] for r in engine_runs)
             for key in ("loop_cpu_ms_per_request", "loop_cpu_share", "other_threads_cpu_share"):
                 if all(key in r for r in http_runs):
                     row[key] = statistics.median(r[key] for r in http_runs)
@@ -290,7 +295,8 @@ def main() -> None:
                 f"{row['http_busy_fraction']:.2f}  client {row['client_cpu_ms_per_request']:.2f} ms CPU/request"
                 + (
                     f"  server loop {row['loop_cpu_ms_per_request']:.2f} ms CPU/request ({row['loop_cpu_share']:.2f}"
-                    f" of the run, other threads {row['other_threads_cpu_share']:.2f})"
+                    f" of the run, other threads {row['other_threads_cpu_share']:.2f}; engine alone's process "
+                    f"{row['engine_cpu_share']:.2f})"
                     if "loop_cpu_share" in row
                     else ""
                 ),

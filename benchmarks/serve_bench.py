@@ -53,6 +53,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from app.core.files import atomic_write  # noqa: E402
 from app.core.store import LocalTaskStore  # noqa: E402
 from app.engine.engine import Engine, EngineConfig  # noqa: E402
 from app.engine.mixed import DeltaHooks, build_plan  # noqa: E402
@@ -173,6 +174,37 @@ def stream(engine: Engine, rows: list[tuple[EngineTask, Encoded]], window: int) 
         submit_next()
     done.wait()
     return len(rows) / (time.perf_counter() - start), len(rows) / (time.process_time() - cpu_start)
+
+
+def paired_ratio(grafted: list[float], base: list[float], reps: int = 2000) -> tuple[float, float, float]:
+    """Median over rounds of grafted/base, each round's pair measured side by side, with a 95% bootstrap interval
+    (rounds resampled): how far apart two configurations are and how precisely this run can tell."""
+    ratios = [g / b for g, b in zip(grafted, base, strict=True)]
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(reps))
+    return statistics.median(ratios), medians[int(0.025 * reps)], medians[int(0.975 * reps) - 1]
+
+
+def judge_interval(interval: tuple[float, float, float], target: float) -> str:
+    """'met' / 'not met' where the whole interval lies on one side of the target, else 'within the noise'."""
+    _, low, high = interval
+    return "met" if low >= target else "not met" if high < target else "within the noise"
+
+
+def add_paired_statistics(result: dict[str, Any]) -> None:
+    """Each throughput row's paired ratios (from its stored rounds) and the issue's targets for the engine's
+    choice judged on their intervals; derived data only, so a stored result can be re-analysed."""
+    for row in result["throughput"]:
+        runs = row["runs_wall_cpu"]
+        base_wall = [wall for wall, _ in runs["base"]]
+        for policy in ("swap", "mixed", "auto"):
+            row[f"{policy}_paired"] = paired_ratio([wall for wall, _ in runs[policy]], base_wall)
+    by_count = {row["tasks"]: row for row in result["throughput"] if row["hot_share"] is None}
+    result["targets_paired_interval"] = {
+        f"auto at {count} tasks >= {target}": judge_interval(by_count[count]["auto_paired"], target)
+        for count, target in ((1, 0.98), (100, 0.95), (1000, 0.95))
+        if count in by_count
+    }
 
 
 def engine_throughput(base: BaseModel, registry: TaskRegistry, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -412,12 +444,25 @@ def main() -> None:
     parser.add_argument("--http-tasks", type=int, default=100)
     parser.add_argument("--naive-models", type=int, default=5)
     parser.add_argument("--out", default=None, help="default: benchmarks/results/serve_bench_<base>.json")
+    parser.add_argument(
+        "--reanalyse",
+        metavar="JSON",
+        help="derive the paired statistics of a stored result from its rounds, rewrite it and print its tables",
+    )
     parser.add_argument("--probe", choices=["rss", "naive"], help=argparse.SUPPRESS)
     parser.add_argument("--probe-n", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
         print(json.dumps(run_probe(args.probe, Path(args.store), args.probe_n, args.base)))
+        return
+    if args.reanalyse:
+        stored = Path(args.reanalyse)
+        result = json.loads(stored.read_text())
+        add_paired_statistics(result)
+        text = json.dumps(result, indent=2) + "\n"
+        atomic_write(stored, lambda tmp: tmp.write_text(text))
+        print_table(result)
         return
     out_path = Path(args.out or REPO / f"benchmarks/results/serve_bench_{args.base}.json")
     load_before = os.getloadavg()
@@ -537,6 +582,7 @@ def main() -> None:
         "targets_met": targets_met,
         "wall_s": time.perf_counter() - started,
     }
+    add_paired_statistics(result)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)
@@ -562,6 +608,16 @@ def print_table(r: dict[str, Any]) -> None:
         ]
         label = f"{row['tasks']}" if row["hot_share"] is None else f"{row['tasks']}, {row['hot_share']:.0%} to one"
         print(f"| {label} | {row['base']:.1f} | " + " | ".join(cells) + " |")
+    print(
+        "\nratio to the plain base run beside it, median over rounds [95% bootstrap interval]:\n"
+        "\n| tasks | swap | mixed | auto |\n|---:|---|---|---|"
+    )
+    for row in r["throughput"]:
+        if "auto_paired" not in row:  # results written before the paired intervals
+            break
+        cells = ["{:.3f} [{:.3f}–{:.3f}]".format(*row[p + "_paired"]) for p in ("swap", "mixed", "auto")]
+        label = f"{row['tasks']}" if row["hot_share"] is None else f"{row['tasks']}, {row['hot_share']:.0%} to one"
+        print(f"| {label} | " + " | ".join(cells) + " |")
     s, m, h, c = r["swap"], r["memory"], r["http"], r["cache"]
     print(
         f"\napply+restore per batch: {s['apply_restore_ms_median']:.3f} ms median, p99 {s['apply_restore_ms_p99']:.3f}"
@@ -592,6 +648,8 @@ def print_table(r: dict[str, Any]) -> None:
     )
     verdict = {True: "met", False: "NOT met", None: "not measured"}
     print("targets:", ", ".join(f"{k}: {verdict[v]}" for k, v in r["targets_met"].items()))
+    if "targets_paired_interval" in r:
+        print("on the paired intervals:", ", ".join(f"{k}: {v}" for k, v in r["targets_paired_interval"].items()))
 
 
 if __name__ == "__main__":
