@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=384, help="single-input requests per run")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--max-batch-wait-ms", type=float, default=5.0)
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/http_ab_<base>_<clients>clients.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     import httpx
@@ -142,7 +143,11 @@ def main() -> None:
             f"| {c} | {row['http_over_engine']:.3f} | {row['min']:.3f}–{row['max']:.3f} | "
             f"{row['http_over_reference']:.3f} ({row['rounds_faster_than_reference']} of {args.rounds} rounds faster) |"
         )
-    out = REPO / "benchmarks" / "results" / f"http_ab_{args.base}_{args.clients}clients.json"
+    out = (
+        Path(args.out)
+        if args.out
+        else REPO / "benchmarks" / "results" / f"http_ab_{args.base}_{args.clients}clients.json"
+    )
     record_out = {
         "measured_at": datetime.now(UTC).isoformat(),
         "args": vars(args),
