@@ -70,6 +70,11 @@ class Settings(BaseSettings):
         description="How batches run: swap (one task per batch, bit-exact), mixed (one pass for many tasks), "
         "auto (swap when one task fills most of a batch, else mixed).",
     )
+    engine_process: bool = Field(
+        False,
+        description="Run the forward passes in a child process with its own copy of the base: its own GIL, so "
+        "HTTP work does not slow them (matters on small bases; costs the base's memory once more).",
+    )
     redis_url: str | None = Field(None, description="Redis URL for RQ job workers; unset = in-process jobs.")
     job_timeout_s: int = Field(3600, ge=10, description="Longest a localization job may run before it is stopped.")
     job_retries: int = Field(2, ge=0, le=10, description="Times a job whose worker died or crashed is run again.")

@@ -43,6 +43,8 @@ def build_service(settings: Settings) -> InferenceService:
         max_batch_wait_ms=settings.max_batch_wait_ms,
         max_queue=settings.max_queue,
         policy=settings.engine_policy,
+        process=settings.engine_process,
+        base_source=settings.base_model,
     )
     # with Redis, every task change this replica makes is announced to the others (they subscribe in StoreSync)
     announce = RedisAnnouncer(connect_redis(settings.redis_url)) if settings.redis_url else None

@@ -1,6 +1,10 @@
 """The HTTP path of several code revisions side by side: which one is faster, measured in one run.
 
     python benchmarks/http_ab.py --revisions b136c8d HEAD [--base all-minilm-l6-v2] [--clients 32] [--rounds 8]
+    python benchmarks/http_ab.py --revisions HEAD HEAD+SKILLGRAFT_ENGINE_PROCESS=true
+
+A revision may carry settings for its server after ``+`` (``REV+KEY=VALUE+KEY=VALUE``), to compare settings of
+one revision the same way.
 
 On a noisy machine two separate ``http_bench`` runs of the same code differ by up to ±10%, more than most changes
 to the HTTP layer are worth. Here each revision is checked out into a temporary git worktree and served by its own
@@ -81,15 +85,20 @@ def main() -> None:
     import httpx
 
     root, registry, env = serving_setup(args.base, args.tasks, args.max_batch_wait_ms, "http-ab-")
-    commits = [git("rev-parse", "--short", revision) for revision in args.revisions]
+    commits, settings = [], []
+    for spec in args.revisions:
+        revision, *pairs = spec.split("+")
+        extra = dict(pair.split("=", 1) for pair in pairs)
+        commits.append("+".join([git("rev-parse", "--short", revision), *pairs]))
+        settings.append(extra)
     trees: list[Path] = []
     servers: list[tuple[subprocess.Popen[bytes], str]] = []
     try:
-        for commit in commits:
-            tree = root / f"tree-{commit}"
-            git("worktree", "add", "--detach", str(tree), commit)
+        for i, (label, extra) in enumerate(zip(commits, settings, strict=True)):
+            tree = root / f"tree-{i}"
+            git("worktree", "add", "--detach", str(tree), label.split("+")[0])
             trees.append(tree)
-            servers.append(start_server(tree, env, root / f"server-{commit}.log"))
+            servers.append(start_server(tree, {**env, **extra}, root / f"server-{i}.log"))
         for _, url in servers:  # loading a patch is not serving latency
             with httpx.Client(base_url=url, timeout=300) as http:
                 for i in range(args.tasks):

@@ -227,6 +227,12 @@ def main() -> None:
         help="raw: hand-written HTTP/1.1 over keep-alive sockets (light); httpx: a typical Python client (heavy)",
     )
     parser.add_argument("--max-batch-wait-ms", type=float, default=5.0, help="the batcher's wait, engine and server")
+    parser.add_argument(
+        "--engine-process",
+        action="store_true",
+        help="the server runs its forward passes in a child process (SKILLGRAFT_ENGINE_PROCESS); the engine-alone "
+        "runs stay in this process",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -235,6 +241,8 @@ def main() -> None:
     from tests.utils.processes import Processes
 
     root, registry, env = serving_setup(args.base, args.tasks, args.max_batch_wait_ms, "http-bench-")
+    if args.engine_process:
+        env["SKILLGRAFT_ENGINE_PROCESS"] = "true"
     config = EngineConfig(max_batch_wait_ms=args.max_batch_wait_ms)
     (root / "logs").mkdir()
     procs = Processes(env, root / "logs")
@@ -304,7 +312,8 @@ def main() -> None:
             )
     finally:
         procs.stop_all()
-    out = REPO / "benchmarks" / "results" / f"http_bench_{args.base}.json"
+    suffix = "_engine_process" if args.engine_process else ""
+    out = REPO / "benchmarks" / "results" / f"http_bench_{args.base}{suffix}.json"
     record = {"measured_at": datetime.now(UTC).isoformat(), "args": vars(args), "results": results}
     out.write_text(json.dumps(record, indent=2, default=str) + "\n")
     print(f"wrote {out}")

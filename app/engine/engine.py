@@ -27,7 +27,7 @@ from collections import Counter, deque
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -38,6 +38,9 @@ from app.engine.weights import BaseWeights
 from app.grafting.base import BaseModel
 from app.grafting.heads import Batch, Encoded, collate, encoder_hidden, head_logits
 from app.observability import observe_batch, observe_inputs, observe_patch_swap
+
+if TYPE_CHECKING:
+    from app.engine.remote import RemoteExecutor
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,24 @@ class EngineConfig:
     # cheaper swapped than mixed (serve_bench, 10 tasks: swap 0.97–1.02 of the bare base, mixed 0.87–1.00, on
     # MiniLM and SmolLM2). On a GPU, where small batches waste the device, raise it (CUDA not measured).
     swap_min_rows: int = 4
+    # Run the forward passes in a child process with its own copy of the base (``base_source``, loaded there):
+    # its own GIL, so a busy event loop in this process does not stall them (app.engine.remote).
+    process: bool = False
+    base_source: str | None = None
+
+
+class Observer:
+    """Where the engine reports batches, inputs and patch swaps: the Prometheus metrics, unless a child process's
+    engine records them to send back (app.engine.remote)."""
+
+    def batch(self, mode: str, rows: int) -> None:
+        observe_batch(mode, rows)
+
+    def inputs(self, task: str, count: int) -> None:
+        observe_inputs(task, count)
+
+    def patch_swap(self, phase: str, seconds: float) -> None:
+        observe_patch_swap(phase, seconds)
 
 
 class _Ticket:
@@ -108,9 +129,16 @@ class Engine:
     ``weights.lock`` is held while a patch is swapped in; the registry takes it to read pristine base values.
     """
 
-    def __init__(self, base: BaseModel, config: EngineConfig, weights: BaseWeights | None = None) -> None:
+    def __init__(
+        self,
+        base: BaseModel,
+        config: EngineConfig,
+        weights: BaseWeights | None = None,
+        observer: Observer | None = None,
+    ) -> None:
         self.base = base
         self.config = config
+        self.observer = observer or Observer()
         # Serving is inference: dropout off, whatever another user of this base left switched on.
         base.encoder.eval()
         self.weights = weights or BaseWeights.of(base.encoder)
@@ -124,6 +152,13 @@ class Engine:
         self._stopping = False
         self._pad_id = int(base.tokenizer.pad_token_id or 0)
         self._uses_token_types = "token_type_ids" in base.tokenizer.model_input_names
+        self._remote: RemoteExecutor | None = None
+        if config.process:
+            from app.engine.remote import RemoteExecutor
+
+            if config.base_source is None:
+                raise ValueError("EngineConfig.process needs base_source, the base the child process loads")
+            self._remote = RemoteExecutor(config, str(self.device), base.fingerprint)
         self._thread = threading.Thread(target=self._loop, name="skillgraft-inference", daemon=True)
         self._thread.start()
 
@@ -136,7 +171,8 @@ class Engine:
 
     @property
     def running(self) -> bool:
-        return self._thread.is_alive() and not self._stopping
+        alive = self._remote is None or self._remote.alive
+        return alive and self._thread.is_alive() and not self._stopping
 
     @property
     def queued(self) -> int:
@@ -173,6 +209,15 @@ class Engine:
             self._cond.notify_all()
         self._thread.join(timeout)
         self._hooks.close()
+        if self._remote is not None:
+            self._remote.close()
+
+    def execute(self, rows: Sequence[tuple[EngineTask, Encoded]]) -> list[torch.Tensor]:
+        """Run ``rows`` as one batch in the calling thread, by the batch policy (a child process's executor)."""
+        ticket = _Ticket(len(rows))
+        now = time.monotonic()
+        self._run_batch([_Row(task, enc, ticket, i, now) for i, (task, enc) in enumerate(rows)])
+        return ticket.future.result()
 
     # -- the inference thread ----------------------------------------------------------------------------------
 
@@ -222,6 +267,9 @@ class Engine:
         rows = [row for row in rows if not row.ticket.future.done()]
         if not rows:
             return
+        if self._remote is not None:
+            self._run_remote(rows)
+            return
         groups: dict[int, list[int]] = {}
         for i, row in enumerate(rows):
             groups.setdefault(id(row.task), []).append(i)
@@ -253,6 +301,24 @@ class Engine:
             for row in rows:
                 row.ticket.fail(error)
 
+    def _run_remote(self, rows: list[_Row]) -> None:
+        assert self._remote is not None
+        try:
+            logits, stats = self._remote.run([(row.task, row.encoded) for row in rows], self.observer)
+        except Exception as exc:
+            log.exception("inference batch failed in the engine process")
+            self.stats.failed_batches += 1
+            error = InferenceFailed(f"inference failed for this batch: {exc}")
+            error.__cause__ = exc
+            for row in rows:
+                row.ticket.fail(error)
+            return
+        for row, vector in zip(rows, logits, strict=True):
+            row.ticket.set_row(row.slot, vector)
+        # the child's engine counts what it ran; failures are counted here, where they are answered
+        for key in ("batches", "rows", "swap_batches", "mixed_batches"):
+            setattr(self.stats, key, stats[key])
+
     def _collate(self, rows: list[_Row]) -> Batch:
         return collate([row.encoded for row in rows], self._pad_id, self._uses_token_types).to(self.device)
 
@@ -271,11 +337,11 @@ class Engine:
             finally:
                 restoring = time.perf_counter()
                 self.weights.restore(saved)
-                observe_patch_swap("restore", time.perf_counter() - restoring)
-            observe_patch_swap("apply", applied - started)
+                self.observer.patch_swap("restore", time.perf_counter() - restoring)
+            self.observer.patch_swap("apply", applied - started)
         self._deliver(rows, logits)
         self.stats.swap_batches += 1
-        observe_batch("swap", len(rows))
+        self.observer.batch("swap", len(rows))
 
     @torch.inference_mode()
     def _run_mixed(self, rows: list[_Row]) -> None:
@@ -304,7 +370,7 @@ class Engine:
             assert logits_row is not None
             row.ticket.set_row(row.slot, logits_row)
         self.stats.mixed_batches += 1
-        observe_batch("mixed", len(rows))
+        self.observer.batch("mixed", len(rows))
         self._count(rows)
 
     def _plan_for(self, tasks: list[EngineTask], length: int) -> Plan:
@@ -341,4 +407,4 @@ class Engine:
         self.stats.batches += 1
         self.stats.rows += len(rows)
         for name, count in Counter(row.task.name for row in rows).items():
-            observe_inputs(name, count)
+            self.observer.inputs(name, count)

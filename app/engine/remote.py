@@ -1,0 +1,223 @@
+"""The engine's forward passes in a child process (``EngineConfig.process``).
+
+The server's inference thread keeps the queue, the batch policy and the futures; each batch it takes is sent to a
+child process that holds its own copy of the base and runs the batch there with an in-process ``Engine``
+(``Engine.execute``: swap or mixed, exactly as in one process). The child has its own GIL: in one process the
+event loop and the inference thread take turns on one, and a small base's forward, a long string of short
+operators, waits for it between nearly every two (benchmarks/http_bench.py, MiniLM: HTTP at ~0.9 of the engine
+alone). Here the inference thread only pickles a batch and waits on a pipe, without the GIL.
+
+A task is shipped to the child the first time a batch names it (its tensors by value, under the task object's id)
+and dropped there when the server's task object is garbage-collected, so the child holds what the server's cache
+holds. The child records the engine's metric observations and counters and sends them back with each batch's
+logits; the server replays them into its own metrics. The server's copy of the base is never patched (the
+registry and the job runner read it). If the child dies, its batch fails with ``InferenceFailed`` and the engine
+reports itself not running (``/ready`` answers 503).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import threading
+import weakref
+from collections.abc import Sequence
+from dataclasses import replace
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from app.core.errors import InferenceFailed
+from app.engine.registry import EngineTask
+from app.grafting.heads import Encoded, HeadSpec
+
+if TYPE_CHECKING:
+    from app.engine.engine import EngineConfig, Observer
+
+log = logging.getLogger(__name__)
+
+Observation = tuple[str, str, float]
+
+
+class RemoteExecutor:
+    """The server's end of the child process: ships tasks, sends batches, returns their logits."""
+
+    def __init__(self, config: EngineConfig, device: str, fingerprint: str, start_timeout_s: float = 600.0) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._conn, child_end = context.Pipe()
+        self._process = context.Process(
+            target=child_main,
+            args=(child_end, config, device, torch.get_num_threads()),
+            name="skillgraft-engine",
+            daemon=True,
+        )
+        self._process.start()
+        child_end.close()
+        self._lock = threading.Lock()  # over _shipped and _dropped: finalizers run on any thread
+        self._shipped: set[int] = set()
+        self._dropped: list[int] = []
+        if not self._conn.poll(start_timeout_s):
+            self.close()
+            raise RuntimeError(f"the engine process did not start within {start_timeout_s:.0f} s")
+        kind, detail = self._conn.recv()
+        if kind != "ready":
+            self.close()
+            raise RuntimeError(f"the engine process failed to start: {detail}")
+        if detail != fingerprint:
+            self.close()
+            raise RuntimeError(f"the engine process loaded a different base ({detail[:19]}, not {fingerprint[:19]})")
+
+    @property
+    def alive(self) -> bool:
+        return self._process.is_alive()
+
+    def run(
+        self, rows: Sequence[tuple[EngineTask, Encoded]], observer: Observer
+    ) -> tuple[list[torch.Tensor], dict[str, int]]:
+        """One batch's logits (float32, CPU) and the child engine's counters after it; the child's metric
+        observations are replayed into ``observer``. Called by the inference thread only."""
+        with self._lock:
+            drops, self._dropped = self._dropped, []
+            new = []
+            for task, _ in rows:
+                key = id(task)
+                if key not in self._shipped:
+                    self._shipped.add(key)
+                    weakref.finalize(task, self._forget, key)
+                    new.append((key, task_payload(task)))
+        try:
+            self._conn.send(("run", drops, new, [(id(task), encoded) for task, encoded in rows]))
+            kind, *reply = self._conn.recv()
+        except (EOFError, OSError) as exc:
+            raise InferenceFailed("the engine process is gone") from exc
+        if kind != "ok":
+            raise InferenceFailed(reply[0])
+        logits, observations, stats = reply
+        for name, label, value in observations:
+            if name == "batch":
+                observer.batch(label, int(value))
+            elif name == "inputs":
+                observer.inputs(label, int(value))
+            else:
+                observer.patch_swap(label, value)
+        return [torch.tensor(row, dtype=torch.float32) for row in logits], stats
+
+    def close(self, timeout: float = 10.0) -> None:
+        with contextlib.suppress(OSError, ValueError):  # the child may be gone already
+            self._conn.send(("close",))
+        self._process.join(timeout)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(timeout)
+        self._conn.close()
+
+    def _forget(self, key: int) -> None:
+        with self._lock:
+            if key in self._shipped:
+                self._shipped.discard(key)
+                self._dropped.append(key)
+
+
+def task_payload(task: EngineTask) -> dict[str, Any]:
+    """What the child needs of a task, tensors as numpy arrays (pickled by value, not as shared-memory handles)."""
+
+    def array(tensor: torch.Tensor | None) -> np.ndarray | None:
+        return None if tensor is None else tensor.detach().cpu().numpy()
+
+    return {
+        "name": task.name,
+        "etag": task.etag,
+        "spec": task.spec,
+        "params": task.params,
+        "indices": array(task.indices),
+        "values": array(task.values),
+        "slots": array(task.slots),
+        "slot_counts": array(task.slot_counts),
+        "label_ids": array(task.label_ids),
+        "head": {name: array(tensor) for name, tensor in task.head.items()},
+    }
+
+
+class _Recorder:
+    """The child engine's observer: keeps its observations until the batch's reply carries them."""
+
+    def __init__(self) -> None:
+        self.observations: list[Observation] = []
+
+    def batch(self, mode: str, rows: int) -> None:
+        self.observations.append(("batch", mode, rows))
+
+    def inputs(self, task: str, count: int) -> None:
+        self.observations.append(("inputs", task, count))
+
+    def patch_swap(self, phase: str, seconds: float) -> None:
+        self.observations.append(("patch_swap", phase, seconds))
+
+    def take(self) -> list[Observation]:
+        taken, self.observations = self.observations, []
+        return taken
+
+
+def child_main(conn: Connection, config: EngineConfig, device: str, threads: int) -> None:
+    """The child process: load the base, then run each batch it is sent until told to close."""
+    from app.engine.engine import Engine
+    from app.grafting.base import load_base
+
+    torch.set_num_threads(threads)
+    try:
+        assert config.base_source is not None
+        base = load_base(config.base_source, device)
+        recorder = _Recorder()
+        engine = Engine(base, replace(config, process=False), observer=recorder)  # type: ignore[arg-type]
+    except Exception as exc:
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(("ready", base.fingerprint))
+    tasks: dict[int, EngineTask] = {}
+    # tasks over one head spec share their label ids, as in the server's registry: the mixed path groups by them
+    label_ids: dict[HeadSpec, torch.Tensor] = {}
+
+    def tensor(array: np.ndarray | None) -> torch.Tensor | None:
+        return None if array is None else torch.from_numpy(array).to(engine.device)
+
+    try:
+        while True:
+            try:
+                message = conn.recv()
+            except EOFError:
+                return
+            if message[0] == "close":
+                return
+            _, drops, new, rows = message
+            for key in drops:
+                tasks.pop(key, None)
+            for key, payload in new:
+                labels = tensor(payload["label_ids"])
+                if labels is not None:
+                    labels = label_ids.setdefault(payload["spec"], labels)
+                tasks[key] = EngineTask(
+                    name=payload["name"],
+                    etag=payload["etag"],
+                    spec=payload["spec"],
+                    tokenization=None,  # type: ignore[arg-type]  # the server tokenises
+                    params=payload["params"],
+                    indices=tensor(payload["indices"]),  # type: ignore[arg-type]
+                    values=tensor(payload["values"]),  # type: ignore[arg-type]
+                    slots=tensor(payload["slots"]),  # type: ignore[arg-type]
+                    slot_counts=tensor(payload["slot_counts"]),
+                    label_ids=labels,
+                    head={name: tensor(array) for name, array in payload["head"].items()},  # type: ignore[misc]
+                )
+            try:
+                logits = engine.execute([(tasks[key], encoded) for key, encoded in rows])
+            except Exception as exc:
+                recorder.take()
+                conn.send(("error", f"{type(exc).__name__}: {exc}"))
+                continue
+            stats = {key: getattr(engine.stats, key) for key in ("batches", "rows", "swap_batches", "mixed_batches")}
+            conn.send(("ok", [row.tolist() for row in logits], recorder.take(), stats))
+    finally:
+        engine.close()

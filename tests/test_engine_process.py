@@ -1,0 +1,99 @@
+"""The engine's forward passes in a child process (EngineConfig.process): the same answers as in one process."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.core.errors import InferenceFailed
+from app.engine.service import InferenceService, TextInput
+from app.grafting.base import BaseModel
+from app.grafting.patch import GraftPatch, patch_to_bytes
+from tests.utils.serving import TEXTS, Reference, checksum, make_service
+from tests.utils.tiny import make_patch
+
+MODES = ("prompt", "classifier", "prompt")
+
+
+@pytest.fixture(params=["encoder", "decoder"])
+def tiny_source(request: pytest.FixtureRequest) -> tuple[BaseModel, Path]:
+    """A tiny base of each family and the folder the child process loads it from."""
+    if request.param == "encoder":
+        return request.getfixturevalue("tiny_base"), request.getfixturevalue("tiny_base_dir")
+    return request.getfixturevalue("tiny_llama"), request.getfixturevalue("tiny_llama_dir")
+
+
+def process_service(base: BaseModel, folder: Path, store: Path, policy: str) -> InferenceService:
+    return make_service(base, store, policy=policy, process=True, base_source=str(folder))
+
+
+def logits(service: InferenceService, tasks: list[str]) -> torch.Tensor:
+    rows, _ = service.prepare(tasks, [TextInput(t) for t in TEXTS])
+    return torch.stack(service.engine.run(rows, timeout=120))
+
+
+def test_a_child_process_answers_as_the_engine_does_in_one(tiny_source: tuple[BaseModel, Path], tmp_path: Path) -> None:
+    base, folder = tiny_source
+    patches = [make_patch(base, f"t{i}", mode, 0.02, seed=i + 1) for i, mode in enumerate(MODES)]
+    references = {p.task: Reference(base, p).logits(TEXTS) for p in patches}
+    before = checksum(base)
+    for policy in ("swap", "mixed"):
+        service = process_service(base, folder, tmp_path / policy, policy)
+        try:
+            for patch in patches:
+                service.put_patch(patch.task, patch_to_bytes(patch))
+            for patch in patches:
+                got = logits(service, [patch.task])
+                if policy == "swap":  # the child runs the same swap on the same weights: bit for bit
+                    assert torch.equal(got, references[patch.task]), patch.task
+                else:
+                    torch.testing.assert_close(got, references[patch.task], rtol=1e-5, atol=1e-5)
+            # all tasks in one batch, rows of each task in request order
+            every = logits(service, [p.task for p in patches])
+            want = torch.cat([references[p.task] for p in patches])
+            torch.testing.assert_close(every, want, rtol=1e-5, atol=1e-5)
+            stats = service.engine.stats
+            assert stats.rows == len(TEXTS) * len(patches) * 2
+            assert (stats.swap_batches if policy == "swap" else stats.mixed_batches) > 0
+        finally:
+            service.close()
+    # this process's copy of the base is never patched
+    assert checksum(base) == before
+
+
+def test_a_replaced_task_is_sent_to_the_child_again(tiny_base: BaseModel, tiny_base_dir: Path, tmp_path: Path) -> None:
+    first = make_patch(tiny_base, "t", "prompt", 0.02, seed=1)
+    second = make_patch(tiny_base, "t", "prompt", 0.02, seed=2)
+    service = process_service(tiny_base, tiny_base_dir, tmp_path, "swap")
+    try:
+        service.put_patch("t", patch_to_bytes(first))
+        assert torch.equal(logits(service, ["t"]), Reference(tiny_base, first).logits(TEXTS))
+        service.put_patch("t", patch_to_bytes(second))
+        gc.collect()  # the old task object goes: the child is told to drop it
+        assert torch.equal(logits(service, ["t"]), Reference(tiny_base, second).logits(TEXTS))
+    finally:
+        service.close()
+
+
+def test_a_dead_child_fails_its_batch_and_the_engine_says_it_is_not_running(
+    tiny_base: BaseModel, tiny_base_dir: Path, tmp_path: Path
+) -> None:
+    patch: GraftPatch = make_patch(tiny_base, "t", "prompt", 0.02, seed=1)
+    service = process_service(tiny_base, tiny_base_dir, tmp_path, "auto")
+    try:
+        service.put_patch("t", patch_to_bytes(patch))
+        logits(service, ["t"])
+        assert service.ready
+        remote = service.engine._remote
+        assert remote is not None
+        remote._process.kill()
+        remote._process.join(10)
+        assert not service.ready
+        rows, _ = service.prepare(["t"], [TextInput("still there?")])
+        with pytest.raises(InferenceFailed):
+            service.engine.run(rows, timeout=60)
+    finally:
+        service.close()
