@@ -62,7 +62,14 @@ class RemoteExecutor:
         if not self._conn.poll(start_timeout_s):
             self.close()
             raise RuntimeError(f"the engine process did not start within {start_timeout_s:.0f} s")
-        kind, detail = self._conn.recv()
+        try:
+            kind, detail = self._conn.recv()
+        except EOFError:
+            self.close()
+            raise RuntimeError(
+                f"the engine process exited while starting (exit code {self._process.exitcode}; a script that starts "
+                "the service needs an `if __name__ == '__main__':` guard, as multiprocessing's spawn requires)"
+            ) from None
         if kind != "ready":
             self.close()
             raise RuntimeError(f"the engine process failed to start: {detail}")

@@ -309,6 +309,7 @@ class InferenceService:
             },
             "engine": {
                 "policy": self.engine_config.policy,
+                "process": self.engine_config.process,
                 "queued": self.engine.queued,
                 **vars(self.engine.stats),
             },
