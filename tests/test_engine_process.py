@@ -97,3 +97,37 @@ def test_a_dead_child_fails_its_batch_and_the_engine_says_it_is_not_running(
             service.engine.run(rows, timeout=60)
     finally:
         service.close()
+
+
+def test_a_real_server_with_the_setting_on_serves_from_its_child(
+    tiny_base: BaseModel, tiny_base_dir: Path, tmp_path: Path
+) -> None:
+    """Through uvicorn: settings → engine config → a child spawned under the server; /v1/info says so."""
+    import httpx
+
+    from tests.utils.processes import Processes
+
+    patch = make_patch(tiny_base, "proc", "prompt", 0.02, seed=5)
+    (tmp_path / "logs").mkdir()
+    procs = Processes(
+        {
+            "SKILLGRAFT_BASE_MODEL": str(tiny_base_dir),
+            "SKILLGRAFT_STORE_DIR": str(tmp_path / "store"),
+            "SKILLGRAFT_ENGINE_PROCESS": "true",
+        },
+        tmp_path / "logs",
+    )
+    try:
+        url = procs.server(timeout=180)
+        with httpx.Client(base_url=url, timeout=60) as http:
+            assert http.get("/v1/info").json()["engine"]["process"] is True
+            assert http.put("/v1/tasks/proc/patch", content=patch_to_bytes(patch)).status_code == 201
+            body = {"task": "proc", "inputs": list(TEXTS), "return_probabilities": True}
+            response = http.post("/v1/classify", json=body)
+            assert response.status_code == 200, response.text
+            reference = Reference(tiny_base, patch)
+            for text, prediction in zip(TEXTS, response.json()["results"][0]["predictions"], strict=True):
+                got = list(prediction["probabilities"].values())
+                assert got == pytest.approx(reference.probabilities(text), abs=1e-5)
+    finally:
+        procs.stop_all()

@@ -27,7 +27,7 @@ from collections import Counter, deque
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 import torch
 
@@ -38,9 +38,6 @@ from app.engine.weights import BaseWeights
 from app.grafting.base import BaseModel
 from app.grafting.heads import Batch, Encoded, collate, encoder_hidden, head_logits
 from app.observability import observe_batch, observe_inputs, observe_patch_swap
-
-if TYPE_CHECKING:
-    from app.engine.remote import RemoteExecutor
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +64,19 @@ class EngineConfig:
     # its own GIL, so a busy event loop in this process does not stall them (app.engine.remote).
     process: bool = False
     base_source: str | None = None
+
+
+class BatchExecutor(Protocol):
+    """Runs the batches the inference thread takes somewhere else (app.engine.remote: a child process)."""
+
+    @property
+    def alive(self) -> bool: ...
+
+    def run(
+        self, rows: Sequence[tuple[EngineTask, Encoded]], observer: Observer
+    ) -> tuple[list[torch.Tensor], dict[str, int]]: ...
+
+    def close(self) -> None: ...
 
 
 class Observer:
@@ -135,6 +145,7 @@ class Engine:
         config: EngineConfig,
         weights: BaseWeights | None = None,
         observer: Observer | None = None,
+        executor: BatchExecutor | None = None,
     ) -> None:
         self.base = base
         self.config = config
@@ -152,13 +163,9 @@ class Engine:
         self._stopping = False
         self._pad_id = int(base.tokenizer.pad_token_id or 0)
         self._uses_token_types = "token_type_ids" in base.tokenizer.model_input_names
-        self._remote: RemoteExecutor | None = None
-        if config.process:
-            from app.engine.remote import RemoteExecutor
-
-            if config.base_source is None:
-                raise ValueError("EngineConfig.process needs base_source, the base the child process loads")
-            self._remote = RemoteExecutor(config, str(self.device), base.fingerprint)
+        if config.process and executor is None:
+            raise ValueError("EngineConfig.process needs the child process's executor (app.engine.remote)")
+        self._remote = executor
         self._thread = threading.Thread(target=self._loop, name="skillgraft-inference", daemon=True)
         self._thread.start()
 

@@ -25,17 +25,15 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import replace
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from app.core.errors import InferenceFailed
+from app.engine.engine import Engine, EngineConfig, Observer
 from app.engine.registry import EngineTask
 from app.grafting.heads import Encoded, HeadSpec
-
-if TYPE_CHECKING:
-    from app.engine.engine import EngineConfig, Observer
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +146,7 @@ def task_payload(task: EngineTask) -> dict[str, Any]:
     }
 
 
-class _Recorder:
+class _Recorder(Observer):
     """The child engine's observer: keeps its observations until the batch's reply carries them."""
 
     def __init__(self) -> None:
@@ -170,7 +168,6 @@ class _Recorder:
 
 def child_main(conn: Connection, config: EngineConfig, device: str, threads: int) -> None:
     """The child process: load the base, then run each batch it is sent until told to close."""
-    from app.engine.engine import Engine
     from app.grafting.base import load_base
 
     torch.set_num_threads(threads)
@@ -178,7 +175,7 @@ def child_main(conn: Connection, config: EngineConfig, device: str, threads: int
         assert config.base_source is not None
         base = load_base(config.base_source, device)
         recorder = _Recorder()
-        engine = Engine(base, replace(config, process=False), observer=recorder)  # type: ignore[arg-type]
+        engine = Engine(base, replace(config, process=False), observer=recorder)
     except Exception as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
