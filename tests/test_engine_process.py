@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from app.core.errors import InferenceFailed
+from app.engine.remote import RemoteExecutor
 from app.engine.service import InferenceService, TextInput
 from app.grafting.base import BaseModel
 from app.grafting.patch import GraftPatch, patch_to_bytes
@@ -87,10 +88,10 @@ def test_a_dead_child_fails_its_batch_and_the_engine_says_it_is_not_running(
         service.put_patch("t", patch_to_bytes(patch))
         logits(service, ["t"])
         assert service.ready
-        remote = service.engine._remote
-        assert remote is not None
-        remote._process.kill()
-        remote._process.join(10)
+        executor = service.engine._executor
+        assert isinstance(executor, RemoteExecutor)
+        executor._process.kill()
+        executor._process.join(10)
         assert not service.ready
         rows, _ = service.prepare(["t"], [TextInput("still there?")])
         with pytest.raises(InferenceFailed):

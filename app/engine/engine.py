@@ -14,6 +14,8 @@ of a batch or at least ``swap_min_rows`` of them, and otherwise a mixed batch of
 whose delta work would exceed ``mixed_max_entries`` (dense patches), or rows of tasks that touch parameters
 outside Linear/LayerNorm modules, run as per-task swaps.
 The queue is bounded (``max_queue`` rows): a full queue refuses new work with ``Overloaded`` instead of growing.
+With ``EngineConfig.process`` the batches are run by a child process (``app.engine.remote``) instead of this one;
+the queue and the policy stay here.
 """
 
 from __future__ import annotations
@@ -165,7 +167,7 @@ class Engine:
         self._uses_token_types = "token_type_ids" in base.tokenizer.model_input_names
         if config.process and executor is None:
             raise ValueError("EngineConfig.process needs the child process's executor (app.engine.remote)")
-        self._remote = executor
+        self._executor = executor
         self._thread = threading.Thread(target=self._loop, name="skillgraft-inference", daemon=True)
         self._thread.start()
 
@@ -178,7 +180,7 @@ class Engine:
 
     @property
     def running(self) -> bool:
-        alive = self._remote is None or self._remote.alive
+        alive = self._executor is None or self._executor.alive
         return alive and self._thread.is_alive() and not self._stopping
 
     @property
@@ -216,8 +218,8 @@ class Engine:
             self._cond.notify_all()
         self._thread.join(timeout)
         self._hooks.close()
-        if self._remote is not None:
-            self._remote.close()
+        if self._executor is not None:
+            self._executor.close()
 
     def execute(self, rows: Sequence[tuple[EngineTask, Encoded]]) -> list[torch.Tensor]:
         """Run ``rows`` as one batch in the calling thread, by the batch policy (a child process's executor)."""
@@ -274,8 +276,8 @@ class Engine:
         rows = [row for row in rows if not row.ticket.future.done()]
         if not rows:
             return
-        if self._remote is not None:
-            self._run_remote(rows)
+        if self._executor is not None:
+            self._run_elsewhere(rows)
             return
         groups: dict[int, list[int]] = {}
         for i, row in enumerate(rows):
@@ -308,10 +310,10 @@ class Engine:
             for row in rows:
                 row.ticket.fail(error)
 
-    def _run_remote(self, rows: list[_Row]) -> None:
-        assert self._remote is not None
+    def _run_elsewhere(self, rows: list[_Row]) -> None:
+        assert self._executor is not None
         try:
-            logits, stats = self._remote.run([(row.task, row.encoded) for row in rows], self.observer)
+            logits, stats = self._executor.run([(row.task, row.encoded) for row in rows], self.observer)
         except Exception as exc:
             log.exception("inference batch failed in the engine process")
             self.stats.failed_batches += 1
