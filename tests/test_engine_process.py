@@ -130,5 +130,12 @@ def test_a_real_server_with_the_setting_on_serves_from_its_child(
             for text, prediction in zip(TEXTS, response.json()["results"][0]["predictions"], strict=True):
                 got = list(prediction["probabilities"].values())
                 assert got == pytest.approx(reference.probabilities(text), abs=1e-5)
+            # the child's batches reach this server's metrics
+            batches = [
+                float(line.rsplit(" ", 1)[1])
+                for line in http.get("/metrics").text.splitlines()
+                if line.startswith("skillgraft_batch_size_count{")
+            ]
+            assert sum(batches) >= 1
     finally:
         procs.stop_all()
