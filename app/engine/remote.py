@@ -54,7 +54,9 @@ class RemoteExecutor:
         )
         self._process.start()
         child_end.close()
-        self._lock = threading.Lock()  # over _shipped and _dropped: finalizers run on any thread
+        # over _shipped and _dropped: finalizers run on any thread, this one included (a collection while it holds
+        # the lock), hence re-entrant
+        self._lock = threading.RLock()
         self._shipped: set[int] = set()
         self._dropped: list[int] = []
         if not self._conn.poll(start_timeout_s):
