@@ -85,20 +85,21 @@ def main() -> None:
     import httpx
 
     root, registry, env = serving_setup(args.base, args.tasks, args.max_batch_wait_ms, "http-ab-")
-    commits, settings = [], []
+    # (commit, server settings, label) per --revisions entry
+    variants: list[tuple[str, dict[str, str], str]] = []
     for spec in args.revisions:
         revision, *pairs = spec.split("+")
-        extra = dict(pair.split("=", 1) for pair in pairs)
-        commits.append("+".join([git("rev-parse", "--short", revision), *pairs]))
-        settings.append(extra)
+        commit = git("rev-parse", "--short", revision)
+        variants.append((commit, dict(pair.split("=", 1) for pair in pairs), "+".join([commit, *pairs])))
+    commits = [label for _, _, label in variants]
     trees: list[Path] = []
     servers: list[tuple[subprocess.Popen[bytes], str]] = []
     try:
-        for i, (label, extra) in enumerate(zip(commits, settings, strict=True)):
+        for i, (commit, settings, _) in enumerate(variants):
             tree = root / f"tree-{i}"
-            git("worktree", "add", "--detach", str(tree), label.split("+")[0])
+            git("worktree", "add", "--detach", str(tree), commit)
             trees.append(tree)
-            servers.append(start_server(tree, {**env, **extra}, root / f"server-{i}.log"))
+            servers.append(start_server(tree, {**env, **settings}, root / f"server-{i}.log"))
         for _, url in servers:  # loading a patch is not serving latency
             with httpx.Client(base_url=url, timeout=300) as http:
                 for i in range(args.tasks):

@@ -602,22 +602,22 @@ def print_table(r: dict[str, Any]) -> None:
         "| auto in/s (ratio; cpu ratio) |"
     )
     print("|---:|---:|---:|---:|---:|")
+
+    def label(row: dict[str, Any]) -> str:
+        return f"{row['tasks']}" if row["hot_share"] is None else f"{row['tasks']}, {row['hot_share']:.0%} to one"
+
     for row in r["throughput"]:
         cells = [
             f"{row[p]:.1f} ({row[p + '_ratio']:.3f}; {row[p + '_cpu_ratio']:.3f})" for p in ("swap", "mixed", "auto")
         ]
-        label = f"{row['tasks']}" if row["hot_share"] is None else f"{row['tasks']}, {row['hot_share']:.0%} to one"
-        print(f"| {label} | {row['base']:.1f} | " + " | ".join(cells) + " |")
+        print(f"| {label(row)} | {row['base']:.1f} | " + " | ".join(cells) + " |")
     print(
         "\nratio to the plain base run beside it, median over rounds [95% bootstrap interval]:\n"
         "\n| tasks | swap | mixed | auto |\n|---:|---|---|---|"
     )
     for row in r["throughput"]:
-        if "auto_paired" not in row:  # results written before the paired intervals
-            break
         cells = ["{:.3f} [{:.3f}–{:.3f}]".format(*row[p + "_paired"]) for p in ("swap", "mixed", "auto")]
-        label = f"{row['tasks']}" if row["hot_share"] is None else f"{row['tasks']}, {row['hot_share']:.0%} to one"
-        print(f"| {label} | " + " | ".join(cells) + " |")
+        print(f"| {label(row)} | " + " | ".join(cells) + " |")
     s, m, h, c = r["swap"], r["memory"], r["http"], r["cache"]
     print(
         f"\napply+restore per batch: {s['apply_restore_ms_median']:.3f} ms median, p99 {s['apply_restore_ms_p99']:.3f}"
@@ -648,8 +648,7 @@ def print_table(r: dict[str, Any]) -> None:
     )
     verdict = {True: "met", False: "NOT met", None: "not measured"}
     print("targets:", ", ".join(f"{k}: {verdict[v]}" for k, v in r["targets_met"].items()))
-    if "targets_paired_interval" in r:
-        print("on the paired intervals:", ", ".join(f"{k}: {v}" for k, v in r["targets_paired_interval"].items()))
+    print("on the paired intervals:", ", ".join(f"{k}: {v}" for k, v in r["targets_paired_interval"].items()))
 
 
 if __name__ == "__main__":

@@ -124,6 +124,10 @@ class _Row:
     arrived: float
 
 
+# the counters an engine that runs batches elsewhere takes from the executor's own engine (failures it counts itself)
+EXECUTED_COUNTERS = ("batches", "rows", "swap_batches", "mixed_batches")
+
+
 @dataclass
 class EngineStats:
     batches: int = 0
@@ -324,8 +328,7 @@ class Engine:
             return
         for row, vector in zip(rows, logits, strict=True):
             row.ticket.set_row(row.slot, vector)
-        # the child's engine counts what it ran; failures are counted here, where they are answered
-        for key in ("batches", "rows", "swap_batches", "mixed_batches"):
+        for key in EXECUTED_COUNTERS:
             setattr(self.stats, key, stats[key])
 
     def _collate(self, rows: list[_Row]) -> Batch:

@@ -31,8 +31,9 @@ import numpy as np
 import torch
 
 from app.core.errors import InferenceFailed
-from app.engine.engine import Engine, EngineConfig, Observer
+from app.engine.engine import EXECUTED_COUNTERS, Engine, EngineConfig, Observer
 from app.engine.registry import EngineTask
+from app.grafting.base import BaseModel, load_base
 from app.grafting.heads import Encoded, HeadSpec
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,11 @@ Observation = tuple[str, str, float]
 class RemoteExecutor:
     """The server's end of the child process: ships tasks, sends batches, returns their logits."""
 
-    def __init__(self, config: EngineConfig, device: str, fingerprint: str, start_timeout_s: float = 600.0) -> None:
+    def __init__(self, config: EngineConfig, base: BaseModel, start_timeout_s: float = 600.0) -> None:
+        if config.base_source is None:
+            raise ValueError("EngineConfig.process needs base_source, the base the child process loads")
+        device = str(next(base.encoder.parameters()).device)
+        fingerprint = base.fingerprint
         context = multiprocessing.get_context("spawn")
         self._conn, child_end = context.Pipe()
         self._process = context.Process(
@@ -148,6 +153,33 @@ def task_payload(task: EngineTask) -> dict[str, Any]:
     }
 
 
+def task_from_payload(
+    payload: dict[str, Any], device: torch.device, label_ids: dict[HeadSpec, torch.Tensor]
+) -> EngineTask:
+    """The child's task from ``task_payload``; tasks over one head spec share one label-id tensor, as in the
+    server's registry (the mixed path groups rows by it)."""
+
+    def tensor(array: np.ndarray | None) -> torch.Tensor | None:
+        return None if array is None else torch.from_numpy(array).to(device)
+
+    labels = tensor(payload["label_ids"])
+    if labels is not None:
+        labels = label_ids.setdefault(payload["spec"], labels)
+    return EngineTask(
+        name=payload["name"],
+        etag=payload["etag"],
+        spec=payload["spec"],
+        tokenization=None,  # type: ignore[arg-type]  # the server tokenises
+        params=payload["params"],
+        indices=tensor(payload["indices"]),  # type: ignore[arg-type]
+        values=tensor(payload["values"]),  # type: ignore[arg-type]
+        slots=tensor(payload["slots"]),  # type: ignore[arg-type]
+        slot_counts=tensor(payload["slot_counts"]),
+        label_ids=labels,
+        head={name: tensor(array) for name, array in payload["head"].items()},  # type: ignore[misc]
+    )
+
+
 class _Recorder(Observer):
     """The child engine's observer: keeps its observations until the batch's reply carries them."""
 
@@ -170,8 +202,6 @@ class _Recorder(Observer):
 
 def child_main(conn: Connection, config: EngineConfig, device: str, threads: int) -> None:
     """The child process: load the base, then run each batch it is sent until told to close."""
-    from app.grafting.base import load_base
-
     torch.set_num_threads(threads)
     try:
         assert config.base_source is not None
@@ -183,12 +213,7 @@ def child_main(conn: Connection, config: EngineConfig, device: str, threads: int
         return
     conn.send(("ready", base.fingerprint))
     tasks: dict[int, EngineTask] = {}
-    # tasks over one head spec share their label ids, as in the server's registry: the mixed path groups by them
     label_ids: dict[HeadSpec, torch.Tensor] = {}
-
-    def tensor(array: np.ndarray | None) -> torch.Tensor | None:
-        return None if array is None else torch.from_numpy(array).to(engine.device)
-
     try:
         while True:
             try:
@@ -201,29 +226,14 @@ def child_main(conn: Connection, config: EngineConfig, device: str, threads: int
             for key in drops:
                 tasks.pop(key, None)
             for key, payload in new:
-                labels = tensor(payload["label_ids"])
-                if labels is not None:
-                    labels = label_ids.setdefault(payload["spec"], labels)
-                tasks[key] = EngineTask(
-                    name=payload["name"],
-                    etag=payload["etag"],
-                    spec=payload["spec"],
-                    tokenization=None,  # type: ignore[arg-type]  # the server tokenises
-                    params=payload["params"],
-                    indices=tensor(payload["indices"]),  # type: ignore[arg-type]
-                    values=tensor(payload["values"]),  # type: ignore[arg-type]
-                    slots=tensor(payload["slots"]),  # type: ignore[arg-type]
-                    slot_counts=tensor(payload["slot_counts"]),
-                    label_ids=labels,
-                    head={name: tensor(array) for name, array in payload["head"].items()},  # type: ignore[misc]
-                )
+                tasks[key] = task_from_payload(payload, engine.device, label_ids)
             try:
                 logits = engine.execute([(tasks[key], encoded) for key, encoded in rows])
             except Exception as exc:
                 recorder.take()
                 conn.send(("error", f"{type(exc).__name__}: {exc}"))
                 continue
-            stats = {key: getattr(engine.stats, key) for key in ("batches", "rows", "swap_batches", "mixed_batches")}
+            stats = {key: getattr(engine.stats, key) for key in EXECUTED_COUNTERS}
             conn.send(("ok", [row.tolist() for row in logits], recorder.take(), stats))
     finally:
         engine.close()

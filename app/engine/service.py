@@ -113,10 +113,7 @@ class InferenceService:
         if engine_config.process:
             from app.engine.remote import RemoteExecutor
 
-            if engine_config.base_source is None:
-                raise ValueError("EngineConfig.process needs base_source, the base the child process loads")
-            device = str(next(base.encoder.parameters()).device)
-            executor = RemoteExecutor(engine_config, device, base.fingerprint)
+            executor = RemoteExecutor(engine_config, base)
         self.engine = Engine(base, engine_config, executor=executor)
         self.registry = TaskRegistry(store, base, self.engine.weights, cache_bytes, max_length)
         self.device = str(self.engine.device)
