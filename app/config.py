@@ -75,6 +75,13 @@ class Settings(BaseSettings):
         description="Run the forward passes in a child process with its own copy of the base: its own GIL, so "
         "HTTP work does not slow them (matters on small bases; costs the base's memory once more).",
     )
+    engine_process_restarts: int = Field(
+        3,
+        ge=0,
+        le=100,
+        description="With engine_process: times within 5 minutes a child that died is replaced by a new one before "
+        "the engine gives up and /ready answers 503 (0 = never).",
+    )
     redis_url: str | None = Field(None, description="Redis URL for RQ job workers; unset = in-process jobs.")
     job_timeout_s: int = Field(3600, ge=10, description="Longest a localization job may run before it is stopped.")
     job_retries: int = Field(2, ge=0, le=10, description="Times a job whose worker died or crashed is run again.")

@@ -112,6 +112,12 @@ class ServiceCollector(Collector):
             )
             busy.add_metric([], stats.busy_seconds)
             yield busy
+            restarts = CounterMetricFamily(
+                "skillgraft_engine_process_restarts",
+                "Times a dead engine process (SKILLGRAFT_ENGINE_PROCESS) was replaced by a new one",
+            )
+            restarts.add_metric([], service.engine.process_restarts)
+            yield restarts
         jobs = getattr(self.state, "jobs", None)
         if jobs is not None:
             try:

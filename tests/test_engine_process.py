@@ -79,23 +79,55 @@ def test_a_replaced_task_is_sent_to_the_child_again(tiny_base: BaseModel, tiny_b
         service.close()
 
 
-def test_a_dead_child_fails_its_batch_and_the_engine_says_it_is_not_running(
-    tiny_base: BaseModel, tiny_base_dir: Path, tmp_path: Path
-) -> None:
+def kill_child(service: InferenceService) -> RemoteExecutor:
+    executor = service.engine._executor
+    assert isinstance(executor, RemoteExecutor)
+    executor._process.kill()
+    executor._process.join(10)
+    return executor
+
+
+def test_a_dead_child_is_replaced_by_the_next_batch(tiny_base: BaseModel, tiny_base_dir: Path, tmp_path: Path) -> None:
     patch: GraftPatch = make_patch(tiny_base, "t", "prompt", 0.02, seed=1)
+    reference = Reference(tiny_base, patch).logits(TEXTS)
     service = process_service(tiny_base, tiny_base_dir, tmp_path, "auto")
     try:
         service.put_patch("t", patch_to_bytes(patch))
-        logits(service, ["t"])
-        assert service.ready
+        assert torch.equal(logits(service, ["t"]), reference)
+        batches = service.engine.stats.batches
+        first_child = kill_child(service)._process.pid
+        assert service.ready  # a new child is one batch away
+        # the batch that finds the child dead waits for a new one, which is sent the task again
+        assert torch.equal(logits(service, ["t"]), reference)
         executor = service.engine._executor
         assert isinstance(executor, RemoteExecutor)
-        executor._process.kill()
-        executor._process.join(10)
+        assert executor._process.pid != first_child and executor._process.is_alive()
+        assert service.engine.process_restarts == 1
+        assert service.info()["engine"]["process_restarts"] == 1
+        # counters keep counting across the restart (the new child's own start from zero)
+        assert service.engine.stats.batches == batches + 1
+    finally:
+        service.close()
+
+
+def test_a_child_that_keeps_dying_is_given_up_and_the_engine_is_not_ready(
+    tiny_base: BaseModel, tiny_base_dir: Path, tmp_path: Path
+) -> None:
+    patch: GraftPatch = make_patch(tiny_base, "t", "prompt", 0.02, seed=1)
+    service = make_service(
+        tiny_base, tmp_path, policy="auto", process=True, base_source=str(tiny_base_dir), process_restarts=1
+    )
+    try:
+        service.put_patch("t", patch_to_bytes(patch))
+        logits(service, ["t"])
+        kill_child(service)
+        logits(service, ["t"])  # the one restart allowed
+        kill_child(service)
         assert not service.ready
         rows, _ = service.prepare(["t"], [TextInput("still there?")])
-        with pytest.raises(InferenceFailed):
+        with pytest.raises(InferenceFailed, match="not restarted again"):
             service.engine.run(rows, timeout=60)
+        assert service.engine.stats.failed_batches == 1
     finally:
         service.close()
 
@@ -137,5 +169,6 @@ def test_a_real_server_with_the_setting_on_serves_from_its_child(
                 if line.startswith("skillgraft_batch_size_count{")
             ]
             assert sum(batches) >= 1
+            assert "skillgraft_engine_process_restarts_total 0.0" in http.get("/metrics").text
     finally:
         procs.stop_all()

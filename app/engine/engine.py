@@ -66,10 +66,16 @@ class EngineConfig:
     # its own GIL, so a busy event loop in this process does not stall them (app.engine.remote).
     process: bool = False
     base_source: str | None = None
+    # a child process that died is replaced by the next batch, at most this many times within 5 minutes
+    process_restarts: int = 3
 
 
 class BatchExecutor(Protocol):
-    """Runs the batches the inference thread takes somewhere else (app.engine.remote: a child process)."""
+    """Runs the batches the inference thread takes somewhere else (app.engine.remote: a child process). ``run``
+    returns the rows' logits and what the batch added to the counters named in ``EXECUTED_COUNTERS``."""
+
+    # times the executor replaced a worker that died
+    restarts: int
 
     @property
     def alive(self) -> bool: ...
@@ -124,7 +130,7 @@ class _Row:
     arrived: float
 
 
-# the counters an engine that runs batches elsewhere takes from the executor's own engine (failures it counts itself)
+# the counters an engine that runs batches elsewhere adds up from the executor's batches (failures it counts itself)
 EXECUTED_COUNTERS = ("batches", "rows", "swap_batches", "mixed_batches")
 
 
@@ -186,6 +192,11 @@ class Engine:
     def running(self) -> bool:
         alive = self._executor is None or self._executor.alive
         return alive and self._thread.is_alive() and not self._stopping
+
+    @property
+    def process_restarts(self) -> int:
+        """Times a dead engine process was replaced (0 without one)."""
+        return 0 if self._executor is None else self._executor.restarts
 
     @property
     def queued(self) -> int:
@@ -317,7 +328,7 @@ class Engine:
     def _run_elsewhere(self, rows: list[_Row]) -> None:
         assert self._executor is not None
         try:
-            logits, stats = self._executor.run([(row.task, row.encoded) for row in rows], self.observer)
+            logits, added = self._executor.run([(row.task, row.encoded) for row in rows], self.observer)
         except Exception as exc:
             log.exception("inference batch failed in the engine process")
             self.stats.failed_batches += 1
@@ -329,7 +340,7 @@ class Engine:
         for row, vector in zip(rows, logits, strict=True):
             row.ticket.set_row(row.slot, vector)
         for key in EXECUTED_COUNTERS:
-            setattr(self.stats, key, stats[key])
+            setattr(self.stats, key, getattr(self.stats, key) + added[key])
 
     def _collate(self, rows: list[_Row]) -> Batch:
         return collate([row.encoded for row in rows], self._pad_id, self._uses_token_types).to(self.device)

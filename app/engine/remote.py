@@ -11,8 +11,13 @@ A task is shipped to the child the first time a batch names it (its tensors by v
 and dropped there when the server's task object is garbage-collected, so the child holds what the server's cache
 holds. The child records the engine's metric observations and counters and sends them back with each batch's
 logits; the server replays them into its own metrics. The server's copy of the base is never patched (the
-registry and the job runner read it). If the child dies, its batch fails with ``InferenceFailed`` and the engine
-reports itself not running (``/ready`` answers 503).
+registry and the job runner read it).
+
+If the child dies (killed, out of memory), the batch it was running fails with ``InferenceFailed`` and the next
+batch starts a new child first (the base loaded again, tasks shipped again as batches name them): a batch that
+finds the child dead waits for the restart instead of failing. A child that keeps dying is not restarted for
+ever: after ``EngineConfig.process_restarts`` restarts within ``RESTART_WINDOW_S`` the executor gives up, and the
+engine reports itself not running (``/ready`` answers 503).
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import contextlib
 import logging
 import multiprocessing
 import threading
+import time
 import weakref
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import replace
 from multiprocessing.connection import Connection
@@ -40,33 +47,46 @@ log = logging.getLogger(__name__)
 
 Observation = tuple[str, str, float]
 
+# restarts older than this no longer count against EngineConfig.process_restarts
+RESTART_WINDOW_S = 300.0
+
 
 class RemoteExecutor:
-    """The server's end of the child process: ships tasks, sends batches, returns their logits."""
+    """The server's end of the child process: ships tasks, sends batches, returns their logits, and starts a new
+    child when the last one died."""
 
     def __init__(self, config: EngineConfig, base: BaseModel, start_timeout_s: float = 600.0) -> None:
         if config.base_source is None:
             raise ValueError("EngineConfig.process needs base_source, the base the child process loads")
-        device = str(next(base.encoder.parameters()).device)
-        fingerprint = base.fingerprint
+        self._config = config
+        self._device = str(next(base.encoder.parameters()).device)
+        self._fingerprint = base.fingerprint
+        self._start_timeout_s = start_timeout_s
+        # over _shipped, _dropped and _finalizers: finalizers run on any thread, this one included (a collection
+        # while it holds the lock), hence re-entrant
+        self._lock = threading.RLock()
+        self._shipped: set[int] = set()
+        self._dropped: list[int] = []
+        self._finalizers: set[int] = set()
+        self._restarted_at: deque[float] = deque()
+        self.restarts = 0
+        self._start()
+
+    def _start(self) -> None:
+        """Spawn a child and wait until it has loaded the base (raises, with the child stopped, if it cannot)."""
         context = multiprocessing.get_context("spawn")
         self._conn, child_end = context.Pipe()
         self._process = context.Process(
             target=child_main,
-            args=(child_end, config, device, torch.get_num_threads()),
+            args=(child_end, self._config, self._device, torch.get_num_threads()),
             name="skillgraft-engine",
             daemon=True,
         )
         self._process.start()
         child_end.close()
-        # over _shipped and _dropped: finalizers run on any thread, this one included (a collection while it holds
-        # the lock), hence re-entrant
-        self._lock = threading.RLock()
-        self._shipped: set[int] = set()
-        self._dropped: list[int] = []
-        if not self._conn.poll(start_timeout_s):
+        if not self._conn.poll(self._start_timeout_s):
             self.close()
-            raise RuntimeError(f"the engine process did not start within {start_timeout_s:.0f} s")
+            raise RuntimeError(f"the engine process did not start within {self._start_timeout_s:.0f} s")
         try:
             kind, detail = self._conn.recv()
         except EOFError:
@@ -78,19 +98,50 @@ class RemoteExecutor:
         if kind != "ready":
             self.close()
             raise RuntimeError(f"the engine process failed to start: {detail}")
-        if detail != fingerprint:
+        if detail != self._fingerprint:
             self.close()
-            raise RuntimeError(f"the engine process loaded a different base ({detail[:19]}, not {fingerprint[:19]})")
+            raise RuntimeError(
+                f"the engine process loaded a different base ({detail[:19]}, not {self._fingerprint[:19]})"
+            )
+
+    def _may_restart(self) -> bool:
+        horizon = time.monotonic() - RESTART_WINDOW_S
+        while self._restarted_at and self._restarted_at[0] < horizon:
+            self._restarted_at.popleft()
+        return len(self._restarted_at) < self._config.process_restarts
+
+    def _restart(self) -> None:
+        """A new child in place of a dead one; nothing shipped to the old one is there."""
+        if not self._may_restart():
+            raise InferenceFailed(
+                f"the engine process died {len(self._restarted_at) + 1} times within {RESTART_WINDOW_S:.0f} s; "
+                "not restarted again"
+            )
+        exit_code = self._process.exitcode
+        self.close()
+        self._restarted_at.append(time.monotonic())
+        self.restarts += 1
+        log.warning("the engine process died (exit code %s); starting a new one", exit_code)
+        with self._lock:
+            self._shipped.clear()
+            self._dropped.clear()
+        try:
+            self._start()
+        except RuntimeError as exc:
+            raise InferenceFailed(f"the engine process could not be restarted: {exc}") from exc
 
     @property
     def alive(self) -> bool:
-        return self._process.is_alive()
+        """The child runs, or the next batch may start a new one."""
+        return self._process.is_alive() or self._may_restart()
 
     def run(
         self, rows: Sequence[tuple[EngineTask, Encoded]], observer: Observer
     ) -> tuple[list[torch.Tensor], dict[str, int]]:
-        """One batch's logits (float32, CPU) and the child engine's counters after it; the child's metric
+        """One batch's logits (float32, CPU) and what it added to the child engine's counters; the child's metric
         observations are replayed into ``observer``. Called by the inference thread only."""
+        if not self._process.is_alive():
+            self._restart()
         with self._lock:
             drops, self._dropped = self._dropped, []
             new = []
@@ -98,16 +149,18 @@ class RemoteExecutor:
                 key = id(task)
                 if key not in self._shipped:
                     self._shipped.add(key)
-                    weakref.finalize(task, self._forget, key)
+                    if key not in self._finalizers:  # one per task object, across restarts
+                        self._finalizers.add(key)
+                        weakref.finalize(task, self._forget, key)
                     new.append((key, task_payload(task)))
         try:
             self._conn.send(("run", drops, new, [(id(task), encoded) for task, encoded in rows]))
             kind, *reply = self._conn.recv()
         except (EOFError, OSError) as exc:
-            raise InferenceFailed("the engine process is gone") from exc
+            raise InferenceFailed("the engine process died while running this batch") from exc
         if kind != "ok":
             raise InferenceFailed(reply[0])
-        logits, observations, stats = reply
+        logits, observations, added = reply
         for name, label, value in observations:
             if name == "batch":
                 observer.batch(label, int(value))
@@ -115,7 +168,7 @@ class RemoteExecutor:
                 observer.inputs(label, int(value))
             else:
                 observer.patch_swap(label, value)
-        return [torch.tensor(row, dtype=torch.float32) for row in logits], stats
+        return [torch.tensor(row, dtype=torch.float32) for row in logits], added
 
     def close(self, timeout: float = 10.0) -> None:
         with contextlib.suppress(OSError, ValueError):  # the child may be gone already
@@ -128,6 +181,7 @@ class RemoteExecutor:
 
     def _forget(self, key: int) -> None:
         with self._lock:
+            self._finalizers.discard(key)
             if key in self._shipped:
                 self._shipped.discard(key)
                 self._dropped.append(key)
@@ -227,13 +281,15 @@ def child_main(conn: Connection, config: EngineConfig, device: str, threads: int
                 tasks.pop(key, None)
             for key, payload in new:
                 tasks[key] = task_from_payload(payload, engine.device, label_ids)
+            before = {key: getattr(engine.stats, key) for key in EXECUTED_COUNTERS}
             try:
                 logits = engine.execute([(tasks[key], encoded) for key, encoded in rows])
             except Exception as exc:
                 recorder.take()
                 conn.send(("error", f"{type(exc).__name__}: {exc}"))
                 continue
-            stats = {key: getattr(engine.stats, key) for key in EXECUTED_COUNTERS}
-            conn.send(("ok", [row.tolist() for row in logits], recorder.take(), stats))
+            # what this batch added, not the totals: a restarted child counts from zero again
+            added = {key: getattr(engine.stats, key) - count for key, count in before.items()}
+            conn.send(("ok", [row.tolist() for row in logits], recorder.take(), added))
     finally:
         engine.close()

@@ -315,6 +315,7 @@ class InferenceService:
             "engine": {
                 "policy": self.engine_config.policy,
                 "process": self.engine_config.process,
+                "process_restarts": self.engine.process_restarts,
                 "queued": self.engine.queued,
                 **vars(self.engine.stats),
             },
