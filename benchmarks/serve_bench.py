@@ -23,6 +23,9 @@ Measured:
 
 The machine's load average (``os.getloadavg()``) is recorded before and after: on a shared machine only the
 ratios measured within one run compare.
+
+A focused run for the engine's targets measures fewer columns over more rounds, which narrows the paired
+intervals: ``--policies auto --throughput-only`` (only the plain base and ``auto``, none of the probes).
 """
 
 from __future__ import annotations
@@ -185,6 +188,9 @@ def paired_ratio(grafted: list[float], base: list[float], reps: int = 2000) -> t
     return statistics.median(ratios), medians[int(0.025 * reps)], medians[int(0.975 * reps) - 1]
 
 
+POLICIES = ("swap", "mixed", "auto")
+
+
 def judge_interval(interval: tuple[float, float, float], target: float) -> str:
     """'met' / 'not met' where the whole interval lies on one side of the target, else 'within the noise'."""
     _, low, high = interval
@@ -197,14 +203,19 @@ def add_paired_statistics(result: dict[str, Any]) -> None:
     for row in result["throughput"]:
         runs = row["runs_wall_cpu"]
         base_wall = [wall for wall, _ in runs["base"]]
-        for policy in ("swap", "mixed", "auto"):
+        for policy in policies_of(row):
             row[f"{policy}_paired"] = paired_ratio([wall for wall, _ in runs[policy]], base_wall)
     by_count = {row["tasks"]: row for row in result["throughput"] if row["hot_share"] is None}
     result["targets_paired_interval"] = {
         f"auto at {count} tasks >= {target}": judge_interval(by_count[count]["auto_paired"], target)
         for count, target in ((1, 0.98), (100, 0.95), (1000, 0.95))
-        if count in by_count
+        if count in by_count and "auto" in by_count[count]["runs_wall_cpu"]
     }
+
+
+def policies_of(row: dict[str, Any]) -> list[str]:
+    """The engine policies a throughput row measured beside the plain base, in table order."""
+    return [policy for policy in POLICIES if policy in row["runs_wall_cpu"]]
 
 
 def engine_throughput(base: BaseModel, registry: TaskRegistry, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -236,30 +247,32 @@ def engine_throughput(base: BaseModel, registry: TaskRegistry, args: argparse.Na
         assignment = [0 if share is not None and rng.random() < share else rng.randrange(count) for _ in encoded]
         grafted = [(tasks[a], e) for a, e in zip(assignment, encoded, strict=True)]
         plain = [(base_task, e) for e in encoded]
-        runs: dict[str, list[tuple[float, float]]] = {"base": [], "swap": [], "mixed": [], "auto": []}
         # Interleaved rounds, median per configuration: the machine is shared, so load drifts between runs.
-        order = ["base", "swap", "mixed", "auto"]
+        order = ["base", *args.policies]
+        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in order}
         for round_index in range(args.rounds):
             # Rotated order each round, so a slow drift of the machine's load favours no configuration.
-            for name in order[round_index % 4 :] + order[: round_index % 4]:
+            turn = round_index % len(order)
+            for name in order[turn:] + order[:turn]:
                 runs[name].append(run("swap", plain) if name == "base" else run(name, grafted))
         row: dict[str, Any] = {"tasks": count, "hot_share": share, "runs_wall_cpu": runs}
         for name, values in runs.items():
             row[name] = statistics.median(v[0] for v in values)
             row[f"{name}_cpu"] = statistics.median(v[1] for v in values)
-        for policy in ("swap", "mixed", "auto"):
+        for policy in args.policies:
             row[f"{policy}_ratio"] = row[policy] / row["base"]
             row[f"{policy}_cpu_ratio"] = row[f"{policy}_cpu"] / row["base_cpu"]
         results.append(row)
-        label = f"{count} tasks" if share is None else f"{count} tasks, {share:.0%} to one"
-        print(
-            f"  {label:>20}: base {row['base']:6.1f}/s  swap {row['swap']:6.1f} ({row['swap_ratio']:.3f}, "
-            f"cpu {row['swap_cpu_ratio']:.3f})  mixed {row['mixed']:6.1f} ({row['mixed_ratio']:.3f}, cpu "
-            f"{row['mixed_cpu_ratio']:.3f})  auto {row['auto']:6.1f} ({row['auto_ratio']:.3f}, cpu "
-            f"{row['auto_cpu_ratio']:.3f})",
-            flush=True,
+        cells = "  ".join(
+            f"{p} {row[p]:6.1f} ({row[p + '_ratio']:.3f}, cpu {row[p + '_cpu_ratio']:.3f})" for p in args.policies
         )
+        print(f"  {row_label(row):>20}: base {row['base']:6.1f}/s  {cells}", flush=True)
     return results
+
+
+def row_label(row: dict[str, Any]) -> str:
+    tasks = f"{row['tasks']} task{'s' if row['tasks'] != 1 else ''}"
+    return tasks if row["hot_share"] is None else f"{tasks}, {row['hot_share']:.0%} to one"
 
 
 def swap_timing(base: BaseModel, registry: TaskRegistry, batch: int) -> dict[str, float]:
@@ -422,6 +435,35 @@ def http_bench(store_dir: Path, n_tasks: int, clients: int, per_client: int, bas
     }
 
 
+def probes(
+    base: BaseModel, registry: TaskRegistry, store_dir: Path, n_tasks: int, args: argparse.Namespace
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Patch swap timing, the memory probes and the naive peer (fresh processes), and HTTP through uvicorn."""
+    swap = swap_timing(base, registry, args.batch)
+    print(f"  apply+restore {swap['apply_restore_ms_median']:.3f} ms median ({swap['entries']} entries)", flush=True)
+    print("memory probes (fresh processes)...", flush=True)
+    rss_none = probe("rss", store_dir, 0, args.base)
+    rss_full = probe("rss", store_dir, n_tasks, args.base)
+    naive = probe("naive", store_dir, args.naive_models, args.base)
+    per_model_mb = (naive["rss_mb_after"] - naive["rss_mb_before"]) / args.naive_models
+    per_model_s = naive["load_s"] / args.naive_models
+    memory = {
+        "rss_mb_no_tasks": rss_none["rss_mb"],
+        "rss_mb_tasks_cached": rss_full["rss_mb"],
+        "tasks_cached": rss_full["cached_tasks"],
+        "cache_bytes": rss_full["cache_bytes"],
+        "rss_increase": rss_full["rss_mb"] / rss_none["rss_mb"] - 1,
+        "naive_models_loaded": args.naive_models,
+        "naive_mb_per_model": per_model_mb,
+        "naive_load_s_per_model": per_model_s,
+        "naive_extrapolated_mb": {str(n): per_model_mb * n for n in (100, 1000)},
+        "naive_extrapolated_load_s": {str(n): per_model_s * n for n in (100, 1000)},
+    }
+    print("HTTP (real uvicorn)...", flush=True)
+    http = http_bench(store_dir, min(args.http_tasks, n_tasks), args.http_clients, args.http_requests, args.base)
+    return swap, memory, http
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default=DEFAULT_BASE, choices=sorted(PACKAGED_BASES), help="packaged base")
@@ -438,6 +480,14 @@ def main() -> None:
         nargs="*",
         default=[0.8],
         help="skewed traffic rows: this share of inputs to one task, the rest uniform over the largest count ≤ 100",
+    )
+    parser.add_argument(
+        "--policies", nargs="+", choices=POLICIES, default=list(POLICIES), help="engine policies beside the plain base"
+    )
+    parser.add_argument(
+        "--throughput-only",
+        action="store_true",
+        help="only the throughput rows: no swap timing, memory probes, naive peer or HTTP",
     )
     parser.add_argument("--http-clients", type=int, default=32)
     parser.add_argument("--http-requests", type=int, default=8, help="requests per HTTP client")
@@ -505,44 +555,25 @@ def main() -> None:
 
     print("engine throughput (inputs/s; ratio to the plain base):", flush=True)
     throughput = engine_throughput(base, registry, args)
-    swap = swap_timing(base, registry, args.batch)
-    swap["task_load_validate_ms"] = load_ms
-    print(f"  apply+restore {swap['apply_restore_ms_median']:.3f} ms median ({swap['entries']} entries)", flush=True)
-
-    print("memory probes (fresh processes)...", flush=True)
-    rss_none = probe("rss", store_dir, 0, args.base)
-    rss_full = probe("rss", store_dir, n_tasks, args.base)
-    naive = probe("naive", store_dir, args.naive_models, args.base)
-    per_model_mb = (naive["rss_mb_after"] - naive["rss_mb_before"]) / args.naive_models
-    per_model_s = naive["load_s"] / args.naive_models
-    memory = {
-        "rss_mb_no_tasks": rss_none["rss_mb"],
-        "rss_mb_tasks_cached": rss_full["rss_mb"],
-        "tasks_cached": rss_full["cached_tasks"],
-        "cache_bytes": rss_full["cache_bytes"],
-        "rss_increase": rss_full["rss_mb"] / rss_none["rss_mb"] - 1,
-        "naive_models_loaded": args.naive_models,
-        "naive_mb_per_model": per_model_mb,
-        "naive_load_s_per_model": per_model_s,
-        "naive_extrapolated_mb": {str(n): per_model_mb * n for n in (100, 1000)},
-        "naive_extrapolated_load_s": {str(n): per_model_s * n for n in (100, 1000)},
-    }
-    print("HTTP (real uvicorn)...", flush=True)
-    http = http_bench(store_dir, min(args.http_tasks, n_tasks), args.http_clients, args.http_requests, args.base)
+    swap = memory = http = None
+    if not args.throughput_only:
+        swap, memory, http = probes(base, registry, store_dir, n_tasks, args)
+        swap["task_load_validate_ms"] = load_ms
 
     by_count = {row["tasks"]: row for row in throughput if row["hot_share"] is None}
 
-    def at_least(count: int, key: str, target: float) -> bool | None:  # None: that task count was not run
-        return None if count not in by_count else by_count[count][key] >= target
+    def at_least(count: int, key: str, target: float) -> bool | None:  # None: that count or policy was not run
+        value = by_count[count].get(key) if count in by_count else None
+        return None if value is None else value >= target
 
     targets_met = {
         "auto_ratio_at_100_tasks>=0.95 (wall)": at_least(100, "auto_ratio", 0.95),
         "auto_ratio_at_1000_tasks>=0.95 (wall)": at_least(1000, "auto_ratio", 0.95),
         "auto_ratio_at_100_tasks>=0.95 (cpu)": at_least(100, "auto_cpu_ratio", 0.95),
         "auto_ratio_at_1000_tasks>=0.95 (cpu)": at_least(1000, "auto_cpu_ratio", 0.95),
-        "apply_restore<1ms": swap["apply_restore_ms_median"] < 1.0,
+        "apply_restore<1ms": None if swap is None else swap["apply_restore_ms_median"] < 1.0,
         f"bytes_per_entry<={BYTES_PER_ENTRY_TARGET}": cache["bytes_per_entry"] <= BYTES_PER_ENTRY_TARGET,
-        "rss_increase<=5%": memory["rss_increase"] <= 0.05,
+        "rss_increase<=5%": None if memory is None else memory["rss_increase"] <= 0.05,
     }
     result = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -597,56 +628,54 @@ def print_table(r: dict[str, Any]) -> None:
         f"{'/'.join(f'{x:.2f}' for x in machine['loadavg_1_5_15_start'])} at start, "
         f"{'/'.join(f'{x:.2f}' for x in machine['loadavg_1_5_15_end'])} at end"
     )
+    policies = policies_of(r["throughput"][0])
     print(
-        "\n| tasks | base in/s | swap in/s (ratio; cpu ratio) | mixed in/s (ratio; cpu ratio) "
-        "| auto in/s (ratio; cpu ratio) |"
+        "\n| traffic | base in/s | "
+        + " | ".join(f"{p} in/s (ratio; cpu ratio)" for p in policies)
+        + " |\n|---:|---:|"
+        + "---:|" * len(policies)
     )
-    print("|---:|---:|---:|---:|---:|")
-
-    def label(row: dict[str, Any]) -> str:
-        return f"{row['tasks']}" if row["hot_share"] is None else f"{row['tasks']}, {row['hot_share']:.0%} to one"
-
     for row in r["throughput"]:
-        cells = [
-            f"{row[p]:.1f} ({row[p + '_ratio']:.3f}; {row[p + '_cpu_ratio']:.3f})" for p in ("swap", "mixed", "auto")
-        ]
-        print(f"| {label(row)} | {row['base']:.1f} | " + " | ".join(cells) + " |")
+        cells = [f"{row[p]:.1f} ({row[p + '_ratio']:.3f}; {row[p + '_cpu_ratio']:.3f})" for p in policies]
+        print(f"| {row_label(row)} | {row['base']:.1f} | " + " | ".join(cells) + " |")
     print(
         "\nratio to the plain base run beside it, median over rounds [95% bootstrap interval]:\n"
-        "\n| tasks | swap | mixed | auto |\n|---:|---|---|---|"
+        f"\n| traffic | {' | '.join(policies)} |\n|---:|" + "---|" * len(policies)
     )
     for row in r["throughput"]:
-        cells = ["{:.3f} [{:.3f}–{:.3f}]".format(*row[p + "_paired"]) for p in ("swap", "mixed", "auto")]
-        print(f"| {label(row)} | " + " | ".join(cells) + " |")
+        cells = ["{:.3f} [{:.3f}–{:.3f}]".format(*row[p + "_paired"]) for p in policies]
+        print(f"| {row_label(row)} | " + " | ".join(cells) + " |")
+    verdict = {True: "met", False: "NOT met", None: "not measured"}
     s, m, h, c = r["swap"], r["memory"], r["http"], r["cache"]
-    print(
-        f"\napply+restore per batch: {s['apply_restore_ms_median']:.3f} ms median, p99 {s['apply_restore_ms_p99']:.3f}"
-        f" ({s['entries']} entries over {s['params_touched']} tensors); mixed plan for a 32-task batch "
-        f"{s['mixed_plan_ms_median']:.3f} ms; load+validate {s['task_load_validate_ms']:.2f} ms/task"
-    )
     print(
         f"cache: {c['tasks']} tasks, {c['bytes'] / 2**20:.1f} MiB: {c['bytes_per_task']:,.0f} bytes per task, "
         f"{c['bytes_per_entry']:.2f} bytes per entry"
     )
-    print(
-        f"RSS: {m['rss_mb_no_tasks']:.0f} MB no tasks, {m['rss_mb_tasks_cached']:.0f} MB with "
-        f"{m['tasks_cached']} cached ({m['rss_increase'] * 100:+.1f}%, cache {m['cache_bytes'] / 2**20:.1f} MiB)"
-    )
-    print(
-        f"naive peer: {m['naive_mb_per_model']:.0f} MB and {m['naive_load_s_per_model']:.2f} s per full model; "
-        f"1000 tasks ≈ {m['naive_extrapolated_mb']['1000'] / 1024:.1f} GB, "
-        f"{m['naive_extrapolated_load_s']['1000']:.0f} s to load"
-    )
-    print(
-        f"HTTP ({h['clients']} clients, {h['requests']} requests over {h['tasks']} tasks): p50 {h['p50_ms']:.1f} ms, "
-        f"p99 {h['p99_ms']:.1f} ms, {h['throughput_rps']:.1f} req/s"
-    )
-    print(
-        f"paired forward on one 32-row batch: plain {s['forward_ms_plain']:.0f} ms, mixed (32 tasks) "
-        f"{s['forward_ms_mixed_32_tasks']:.0f} ms (ratio {s['mixed_forward_ratio']:.3f}), swap (1 task) "
-        f"{s['forward_ms_swap_1_task']:.0f} ms (ratio {s['swap_forward_ratio']:.3f})"
-    )
-    verdict = {True: "met", False: "NOT met", None: "not measured"}
+    if s is not None:  # not --throughput-only
+        print(
+            f"\napply+restore per batch: {s['apply_restore_ms_median']:.3f} ms median, "
+            f"p99 {s['apply_restore_ms_p99']:.3f} ({s['entries']} entries over {s['params_touched']} tensors); "
+            "mixed plan for a 32-task batch "
+            f"{s['mixed_plan_ms_median']:.3f} ms; load+validate {s['task_load_validate_ms']:.2f} ms/task"
+        )
+        print(
+            f"RSS: {m['rss_mb_no_tasks']:.0f} MB no tasks, {m['rss_mb_tasks_cached']:.0f} MB with "
+            f"{m['tasks_cached']} cached ({m['rss_increase'] * 100:+.1f}%, cache {m['cache_bytes'] / 2**20:.1f} MiB)"
+        )
+        print(
+            f"naive peer: {m['naive_mb_per_model']:.0f} MB and {m['naive_load_s_per_model']:.2f} s per full model; "
+            f"1000 tasks ≈ {m['naive_extrapolated_mb']['1000'] / 1024:.1f} GB, "
+            f"{m['naive_extrapolated_load_s']['1000']:.0f} s to load"
+        )
+        print(
+            f"HTTP ({h['clients']} clients, {h['requests']} requests over {h['tasks']} tasks): "
+            f"p50 {h['p50_ms']:.1f} ms, p99 {h['p99_ms']:.1f} ms, {h['throughput_rps']:.1f} req/s"
+        )
+        print(
+            f"paired forward on one 32-row batch: plain {s['forward_ms_plain']:.0f} ms, mixed (32 tasks) "
+            f"{s['forward_ms_mixed_32_tasks']:.0f} ms (ratio {s['mixed_forward_ratio']:.3f}), swap (1 task) "
+            f"{s['forward_ms_swap_1_task']:.0f} ms (ratio {s['swap_forward_ratio']:.3f})"
+        )
     print("targets:", ", ".join(f"{k}: {verdict[v]}" for k, v in r["targets_met"].items()))
     print("on the paired intervals:", ", ".join(f"{k}: {v}" for k, v in r["targets_paired_interval"].items()))
 
