@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import gc
+from dataclasses import replace
+from multiprocessing.context import SpawnProcess
 from pathlib import Path
 
 import pytest
 import torch
 
 from app.core.errors import InferenceFailed
+from app.engine import remote
 from app.engine.remote import RemoteExecutor
 from app.engine.service import InferenceService, TextInput
 from app.grafting.base import BaseModel
@@ -79,12 +82,17 @@ def test_a_replaced_task_is_sent_to_the_child_again(tiny_base: BaseModel, tiny_b
         service.close()
 
 
-def kill_child(service: InferenceService) -> RemoteExecutor:
+def executor_of(service: InferenceService) -> RemoteExecutor:
     executor = service.engine._executor
     assert isinstance(executor, RemoteExecutor)
-    executor._process.kill()
-    executor._process.join(10)
     return executor
+
+
+def kill_child(service: InferenceService) -> None:
+    child = executor_of(service)._child
+    assert child is not None
+    child.process.kill()
+    child.process.join(10)
 
 
 def test_a_dead_child_is_replaced_by_the_next_batch(tiny_base: BaseModel, tiny_base_dir: Path, tmp_path: Path) -> None:
@@ -95,13 +103,13 @@ def test_a_dead_child_is_replaced_by_the_next_batch(tiny_base: BaseModel, tiny_b
         service.put_patch("t", patch_to_bytes(patch))
         assert torch.equal(logits(service, ["t"]), reference)
         batches = service.engine.stats.batches
-        first_child = kill_child(service)._process.pid
+        first_child = executor_of(service)._child
+        kill_child(service)
         assert service.ready  # a new child is one batch away
         # the batch that finds the child dead waits for a new one, which is sent the task again
         assert torch.equal(logits(service, ["t"]), reference)
-        executor = service.engine._executor
-        assert isinstance(executor, RemoteExecutor)
-        assert executor._process.pid != first_child and executor._process.is_alive()
+        child = executor_of(service)._child
+        assert child is not None and child is not first_child and child.running
         assert service.engine.process_restarts == 1
         assert service.info()["engine"]["process_restarts"] == 1
         # counters keep counting across the restart (the new child's own start from zero)
@@ -110,8 +118,37 @@ def test_a_dead_child_is_replaced_by_the_next_batch(tiny_base: BaseModel, tiny_b
         service.close()
 
 
-def test_a_child_that_keeps_dying_is_given_up_and_the_engine_is_not_ready(
-    tiny_base: BaseModel, tiny_base_dir: Path, tmp_path: Path
+def test_a_restart_that_fails_fails_its_batch_and_the_next_batch_tries_again(
+    tiny_base: BaseModel, tiny_base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    patch: GraftPatch = make_patch(tiny_base, "t", "prompt", 0.02, seed=1)
+    reference = Reference(tiny_base, patch).logits(TEXTS)
+    service = process_service(tiny_base, tiny_base_dir, tmp_path, "auto")
+    try:
+        service.put_patch("t", patch_to_bytes(patch))
+        executor = executor_of(service)
+        good_config = executor._config
+        # the child cannot load its base
+        kill_child(service)
+        executor._config = replace(good_config, base_source=str(tmp_path / "no-such-base"))
+        with pytest.raises(InferenceFailed, match="could not be restarted"):
+            logits(service, ["t"])
+        # the process cannot even be started
+        executor._config = good_config
+        monkeypatch.setattr(SpawnProcess, "start", lambda self: (_ for _ in ()).throw(OSError("no memory")))
+        with pytest.raises(InferenceFailed, match="could not be restarted.*no memory"):
+            logits(service, ["t"])
+        monkeypatch.undo()
+        assert service.ready  # one attempt of three left
+        assert torch.equal(logits(service, ["t"]), reference)
+        assert service.engine.process_restarts == 1  # started children, not attempts
+        assert service.engine.stats.failed_batches == 2
+    finally:
+        service.close()
+
+
+def test_a_child_that_keeps_dying_is_given_up_for_good(
+    tiny_base: BaseModel, tiny_base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     patch: GraftPatch = make_patch(tiny_base, "t", "prompt", 0.02, seed=1)
     service = make_service(
@@ -128,6 +165,9 @@ def test_a_child_that_keeps_dying_is_given_up_and_the_engine_is_not_ready(
         with pytest.raises(InferenceFailed, match="not restarted again"):
             service.engine.run(rows, timeout=60)
         assert service.engine.stats.failed_batches == 1
+        # not back when the window has passed: nothing would restart it, so it stays down for the orchestrator
+        monkeypatch.setattr(remote, "RESTART_WINDOW_S", 0.0)
+        assert not service.ready
     finally:
         service.close()
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import multiprocessing.connection
+import multiprocessing.process
 import threading
 import time
 import weakref
@@ -51,6 +53,28 @@ Observation = tuple[str, str, float]
 RESTART_WINDOW_S = 300.0
 
 
+class _Child:
+    """One started engine process and the server's end of its pipe."""
+
+    def __init__(self, process: multiprocessing.process.BaseProcess, conn: Connection) -> None:
+        self.process = process
+        self.conn = conn
+
+    @property
+    def running(self) -> bool:
+        # the sentinel becomes ready when the process ends; unlike is_alive() it reaps nothing, so any thread may ask
+        return not multiprocessing.connection.wait([self.process.sentinel], timeout=0)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with contextlib.suppress(OSError, ValueError):  # the child may be gone already
+            self.conn.send(("close",))
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout)
+        self.conn.close()
+
+
 class RemoteExecutor:
     """The server's end of the child process: ships tasks, sends batches, returns their logits, and starts a new
     child when the last one died."""
@@ -68,98 +92,57 @@ class RemoteExecutor:
         self._shipped: set[int] = set()
         self._dropped: list[int] = []
         self._finalizers: set[int] = set()
-        self._restarted_at: deque[float] = deque()
+        # over _child and _closed: close() may run on another thread while the inference thread starts a child
+        self._state = threading.Lock()
+        self._child: _Child | None = None
+        self._closed = False
+        # restart attempts (monotonic times), appended and pruned by the inference thread only
+        self._attempts: deque[float] = deque()
+        self._given_up = False
+        # children started after the first, for /v1/info and /metrics
         self.restarts = 0
-        self._start()
-
-    def _start(self) -> None:
-        """Spawn a child and wait until it has loaded the base (raises, with the child stopped, if it cannot)."""
-        context = multiprocessing.get_context("spawn")
-        self._conn, child_end = context.Pipe()
-        self._process = context.Process(
-            target=child_main,
-            args=(child_end, self._config, self._device, torch.get_num_threads()),
-            name="skillgraft-engine",
-            daemon=True,
-        )
-        self._process.start()
-        child_end.close()
-        if not self._conn.poll(self._start_timeout_s):
-            self.close()
-            raise RuntimeError(f"the engine process did not start within {self._start_timeout_s:.0f} s")
-        try:
-            kind, detail = self._conn.recv()
-        except EOFError:
-            self.close()
-            raise RuntimeError(
-                f"the engine process exited while starting (exit code {self._process.exitcode}; a script that starts "
-                "the service needs an `if __name__ == '__main__':` guard, as multiprocessing's spawn requires)"
-            ) from None
-        if kind != "ready":
-            self.close()
-            raise RuntimeError(f"the engine process failed to start: {detail}")
-        if detail != self._fingerprint:
-            self.close()
-            raise RuntimeError(
-                f"the engine process loaded a different base ({detail[:19]}, not {self._fingerprint[:19]})"
-            )
-
-    def _may_restart(self) -> bool:
-        horizon = time.monotonic() - RESTART_WINDOW_S
-        while self._restarted_at and self._restarted_at[0] < horizon:
-            self._restarted_at.popleft()
-        return len(self._restarted_at) < self._config.process_restarts
-
-    def _restart(self) -> None:
-        """A new child in place of a dead one; nothing shipped to the old one is there."""
-        if not self._may_restart():
-            raise InferenceFailed(
-                f"the engine process died {len(self._restarted_at) + 1} times within {RESTART_WINDOW_S:.0f} s; "
-                "not restarted again"
-            )
-        exit_code = self._process.exitcode
-        self.close()
-        self._restarted_at.append(time.monotonic())
-        self.restarts += 1
-        log.warning("the engine process died (exit code %s); starting a new one", exit_code)
-        with self._lock:
-            self._shipped.clear()
-            self._dropped.clear()
-        try:
-            self._start()
-        except RuntimeError as exc:
-            raise InferenceFailed(f"the engine process could not be restarted: {exc}") from exc
+        self._spawn()
 
     @property
     def alive(self) -> bool:
-        """The child runs, or the next batch may start a new one."""
-        return self._process.is_alive() or self._may_restart()
+        """The child runs, or the next batch may start a new one. Read by any thread."""
+        if self._closed or self._given_up:
+            return False
+        child = self._child
+        if (child is not None and child.running) or self._restarts_left() > 0:
+            return True
+        # Nothing would start another child (no batch reaches an engine that is not ready): stay down for good,
+        # for the orchestrator to replace this replica, rather than come back when the window has passed.
+        self._given_up = True
+        return False
 
     def run(
         self, rows: Sequence[tuple[EngineTask, Encoded]], observer: Observer
     ) -> tuple[list[torch.Tensor], dict[str, int]]:
         """One batch's logits (float32, CPU) and what it added to the child engine's counters; the child's metric
         observations are replayed into ``observer``. Called by the inference thread only."""
-        if not self._process.is_alive():
-            self._restart()
+        child = self._running_child()
         with self._lock:
             drops, self._dropped = self._dropped, []
-            new = []
-            for task, _ in rows:
-                key = id(task)
-                if key not in self._shipped:
-                    self._shipped.add(key)
-                    if key not in self._finalizers:  # one per task object, across restarts
-                        self._finalizers.add(key)
-                        weakref.finalize(task, self._forget, key)
-                    new.append((key, task_payload(task)))
+            new = {id(task): task for task, _ in rows if id(task) not in self._shipped}
         try:
-            self._conn.send(("run", drops, new, [(id(task), encoded) for task, encoded in rows]))
-            kind, *reply = self._conn.recv()
-        except (EOFError, OSError) as exc:
-            raise InferenceFailed("the engine process died while running this batch") from exc
+            payloads = [(key, task_payload(task)) for key, task in new.items()]
+            child.conn.send(("run", drops, payloads, [(id(task), encoded) for task, encoded in rows]))
+            kind, *reply = child.conn.recv()
+        except Exception as exc:
+            # whatever went wrong, the child and this side may now disagree on what it holds: the next batch
+            # starts from a new child
+            child.process.kill()
+            raise InferenceFailed("the engine process failed while running this batch") from exc
         if kind != "ok":
+            # the child is fine, but may not have loaded this batch's new tasks: they are sent again next time
             raise InferenceFailed(reply[0])
+        with self._lock:
+            for key, task in new.items():
+                self._shipped.add(key)
+                if key not in self._finalizers:  # one per task object, across restarts
+                    self._finalizers.add(key)
+                    weakref.finalize(task, self._forget, key)
         logits, observations, added = reply
         for name, label, value in observations:
             if name == "batch":
@@ -171,13 +154,99 @@ class RemoteExecutor:
         return [torch.tensor(row, dtype=torch.float32) for row in logits], added
 
     def close(self, timeout: float = 10.0) -> None:
-        with contextlib.suppress(OSError, ValueError):  # the child may be gone already
-            self._conn.send(("close",))
-        self._process.join(timeout)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join(timeout)
-        self._conn.close()
+        with self._state:
+            self._closed = True
+            child, self._child = self._child, None
+        if child is not None:
+            child.stop(timeout)
+
+    def _restarts_left(self) -> int:
+        horizon = time.monotonic() - RESTART_WINDOW_S
+        return self._config.process_restarts - sum(1 for at in tuple(self._attempts) if at >= horizon)
+
+    def _running_child(self) -> _Child:
+        """The running child, or a new one in place of a dead one (nothing shipped to the old one is there)."""
+        child = self._child
+        if child is not None and child.running:
+            return child
+        exit_code = None
+        if child is not None:
+            exit_code = child.process.exitcode
+            child.stop()
+        if self._closed:
+            raise InferenceFailed("the engine is shutting down")
+        horizon = time.monotonic() - RESTART_WINDOW_S
+        while self._attempts and self._attempts[0] < horizon:
+            self._attempts.popleft()
+        if self._restarts_left() <= 0:
+            self._given_up = True
+            raise InferenceFailed(
+                f"the engine process died and is not restarted again ({len(self._attempts)} restart attempts within "
+                f"{RESTART_WINDOW_S:.0f} s; SKILLGRAFT_ENGINE_PROCESS_RESTARTS={self._config.process_restarts})"
+            )
+        self._attempts.append(time.monotonic())
+        log.warning("the engine process is not running (exit code %s); starting a new one", exit_code)
+        with self._lock:
+            self._shipped.clear()
+            self._dropped.clear()
+        try:
+            child = self._spawn()
+        except Exception as exc:
+            raise InferenceFailed(f"the engine process could not be restarted: {exc}") from exc
+        self.restarts += 1
+        return child
+
+    def _spawn(self) -> _Child:
+        """Start a child and wait until it has loaded the base (raises, with the child stopped, if it cannot)."""
+        context = multiprocessing.get_context("spawn")
+        conn, child_end = context.Pipe()
+        process = context.Process(
+            target=child_main,
+            args=(child_end, self._config, self._device, torch.get_num_threads()),
+            name="skillgraft-engine",
+            daemon=True,
+        )
+        try:
+            process.start()
+        except Exception as exc:
+            conn.close()
+            raise RuntimeError(f"the engine process could not be started: {exc}") from exc
+        finally:
+            child_end.close()
+        child = _Child(process, conn)
+        with self._state:
+            closed = self._closed
+            if not closed:
+                self._child = child
+        if closed:
+            child.stop()
+            raise RuntimeError("the engine is shutting down")
+        try:
+            problem = self._await_ready(child)
+        except (EOFError, OSError):  # close() stopped it meanwhile
+            problem = "it was stopped while starting"
+        if problem is not None:
+            child.stop()
+            raise RuntimeError(f"the engine process {problem}")
+        return child
+
+    def _await_ready(self, child: _Child) -> str | None:
+        """None once the child says it loaded this base, else what went wrong."""
+        if not child.conn.poll(self._start_timeout_s):
+            return f"did not start within {self._start_timeout_s:.0f} s"
+        try:
+            kind, detail = child.conn.recv()
+        except EOFError:
+            child.process.join(1.0)
+            return (
+                f"exited while starting (exit code {child.process.exitcode}; a script that starts the service needs "
+                "an `if __name__ == '__main__':` guard, as multiprocessing's spawn requires)"
+            )
+        if kind != "ready":
+            return f"failed to start: {detail}"
+        if detail != self._fingerprint:
+            return f"loaded a different base ({detail[:19]}, not {self._fingerprint[:19]})"
+        return None
 
     def _forget(self, key: int) -> None:
         with self._lock:
@@ -279,10 +348,10 @@ def child_main(conn: Connection, config: EngineConfig, device: str, threads: int
             _, drops, new, rows = message
             for key in drops:
                 tasks.pop(key, None)
-            for key, payload in new:
-                tasks[key] = task_from_payload(payload, engine.device, label_ids)
             before = {key: getattr(engine.stats, key) for key in EXECUTED_COUNTERS}
             try:
+                for key, payload in new:
+                    tasks[key] = task_from_payload(payload, engine.device, label_ids)
                 logits = engine.execute([(tasks[key], encoded) for key, encoded in rows])
             except Exception as exc:
                 recorder.take()
