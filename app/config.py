@@ -79,8 +79,8 @@ class Settings(BaseSettings):
         3,
         ge=0,
         le=100,
-        description="With engine_process: times within 5 minutes a child that died is replaced by a new one before "
-        "the engine gives up and /ready answers 503 (0 = never).",
+        description="With engine_process: attempts within 5 minutes to replace a child that died; one more death "
+        "and the engine stops for good, /ready answering 503 (0 = never replaced).",
     )
     redis_url: str | None = Field(None, description="Redis URL for RQ job workers; unset = in-process jobs.")
     job_timeout_s: int = Field(3600, ge=10, description="Longest a localization job may run before it is stopped.")
