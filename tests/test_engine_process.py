@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import pickle
 from dataclasses import replace
 from multiprocessing.context import SpawnProcess
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 
 from app.core.errors import InferenceFailed
 from app.engine import remote
-from app.engine.remote import RemoteExecutor
+from app.engine.remote import RemoteExecutor, task_from_payload, task_payload
 from app.engine.service import InferenceService, TextInput
 from app.grafting.base import BaseModel
 from app.grafting.patch import GraftPatch, patch_to_bytes
@@ -131,12 +132,14 @@ def test_a_restart_that_fails_fails_its_batch_and_the_next_batch_tries_again(
         # the child cannot load its base
         kill_child(service)
         executor._config = replace(good_config, base_source=str(tmp_path / "no-such-base"))
-        with pytest.raises(InferenceFailed, match="could not be restarted"):
+        with pytest.raises(InferenceFailed, match="restarting the engine process failed: .*BaseModelError"):
             logits(service, ["t"])
+        failed = executor._child
+        assert failed is not None and not failed.running and failed.process.exitcode is not None
         # the process cannot even be started
         executor._config = good_config
         monkeypatch.setattr(SpawnProcess, "start", lambda self: (_ for _ in ()).throw(OSError("no memory")))
-        with pytest.raises(InferenceFailed, match="could not be restarted.*no memory"):
+        with pytest.raises(InferenceFailed, match="restarting the engine process failed: .*no memory"):
             logits(service, ["t"])
         monkeypatch.undo()
         assert service.ready  # one attempt of three left
@@ -168,8 +171,62 @@ def test_a_child_that_keeps_dying_is_given_up_for_good(
         # not back when the window has passed: nothing would restart it, so it stays down for the orchestrator
         monkeypatch.setattr(remote, "RESTART_WINDOW_S", 0.0)
         assert not service.ready
+        with pytest.raises(InferenceFailed, match="not restarted again"):
+            service.engine.run(rows, timeout=60)
+        assert service.engine.process_restarts == 1
     finally:
         service.close()
+
+
+def test_a_batch_the_child_cannot_run_fails_alone_and_the_child_serves_on(
+    tiny_base: BaseModel, tiny_base_dir: Path, tmp_path: Path
+) -> None:
+    patch: GraftPatch = make_patch(tiny_base, "t", "prompt", 0.02, seed=1)
+    reference = Reference(tiny_base, patch).logits(TEXTS)
+    service = process_service(tiny_base, tiny_base_dir, tmp_path, "swap")
+    try:
+        service.put_patch("t", patch_to_bytes(patch))
+        rows, _ = service.prepare(["t"], [TextInput("fine")])
+        task, encoded = rows[0]
+        beyond_vocabulary = replace(encoded, input_ids=[10**6] * len(encoded.input_ids))
+        with pytest.raises(InferenceFailed, match="in the engine process: IndexError"):
+            service.engine.run([(task, beyond_vocabulary)], timeout=60)
+        child = executor_of(service)._child
+        assert child is not None and child.running
+        # the task the failed batch carried is sent again and served by the same child
+        assert torch.equal(logits(service, ["t"]), reference)
+        assert executor_of(service)._child is child and service.engine.process_restarts == 0
+    finally:
+        service.close()
+
+
+def test_task_tensors_cross_to_the_child_with_their_dtype_and_values(tiny_base: BaseModel, tmp_path: Path) -> None:
+    """By value, bfloat16 included (numpy has none), and only a view's own elements."""
+    patch = make_patch(tiny_base, "t", "classifier", 0.02, seed=3)
+    service = make_service(tiny_base, tmp_path)
+    try:
+        service.put_patch("t", patch_to_bytes(patch))
+        task = service.registry.get("t")
+    finally:
+        service.close()
+    wide = torch.arange(10_000, dtype=torch.float32)
+    narrow = replace(
+        task,
+        values=task.values.to(torch.bfloat16),
+        head={name: tensor.to(torch.bfloat16) for name, tensor in task.head.items()},
+        slot_counts=wide[:3],
+    )
+    payload = pickle.loads(pickle.dumps(task_payload(narrow)))
+    assert payload["slot_counts"][0].nbytes == 3 * 4
+    crossed = task_from_payload(payload, torch.device("cpu"), {})
+    for name in ("indices", "values", "slots", "slot_counts", "label_ids"):
+        want, got = getattr(narrow, name), getattr(crossed, name)
+        assert (want is None) == (got is None), name
+        if want is not None:
+            assert got.dtype == want.dtype and torch.equal(got, want), name
+    assert crossed.head.keys() == narrow.head.keys()
+    for name, tensor in narrow.head.items():
+        assert crossed.head[name].dtype == torch.bfloat16 and torch.equal(crossed.head[name], tensor)
 
 
 def test_a_real_server_with_the_setting_on_serves_from_its_child(

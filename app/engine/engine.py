@@ -66,8 +66,8 @@ class EngineConfig:
     # its own GIL, so a busy event loop in this process does not stall them (app.engine.remote).
     process: bool = False
     base_source: str | None = None
-    # a child process that died is replaced by the next batch, at most this many times within
-    # app.engine.remote.RESTART_WINDOW_S (5 minutes); then the engine stops running for good
+    # a child process that died is replaced by the next batch: at most this many attempts (a failed start counts)
+    # within app.engine.remote.RESTART_WINDOW_S (5 minutes); then the engine stops running for good
     process_restarts: int = 3
 
 

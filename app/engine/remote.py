@@ -16,8 +16,8 @@ registry and the job runner read it).
 If the child dies (killed, out of memory), the batch it was running fails with ``InferenceFailed`` and the next
 batch starts a new child first (the base loaded again, tasks shipped again as batches name them): a batch that
 finds the child dead waits for the restart instead of failing. A child that keeps dying is not restarted for
-ever: after ``EngineConfig.process_restarts`` restarts within ``RESTART_WINDOW_S`` the executor gives up, and the
-engine reports itself not running (``/ready`` answers 503).
+ever: after ``EngineConfig.process_restarts`` restart attempts within ``RESTART_WINDOW_S`` (a failed start counts)
+the executor gives up for good, and the engine reports itself not running (``/ready`` answers 503).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.process
+import pickle
+import signal
 import threading
 import time
 import weakref
@@ -48,6 +50,8 @@ from app.grafting.heads import Encoded, HeadSpec
 log = logging.getLogger(__name__)
 
 Observation = tuple[str, str, float]
+# a tensor on its way to the child: its elements and its torch dtype's name
+Carried = tuple[np.ndarray, str]
 
 # restarts older than this no longer count against EngineConfig.process_restarts
 RESTART_WINDOW_S = 300.0
@@ -59,20 +63,39 @@ class _Child:
     def __init__(self, process: multiprocessing.process.BaseProcess, conn: Connection) -> None:
         self.process = process
         self.conn = conn
+        # held while a batch is on the pipe: stop() then kills instead of writing between its messages
+        self.io = threading.Lock()
+        self._stop_lock = threading.Lock()
+        self._stopped = False
 
     @property
     def running(self) -> bool:
         # the sentinel becomes ready when the process ends; unlike is_alive() it reaps nothing, so any thread may ask
-        return not multiprocessing.connection.wait([self.process.sentinel], timeout=0)
+        return not self._stopped and not multiprocessing.connection.wait([self.process.sentinel], timeout=0)
+
+    def kill(self, timeout: float = 10.0) -> None:
+        """End the process now and wait for it (so that ``running`` is false when this returns)."""
+        self.process.kill()
+        self.process.join(timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
-        with contextlib.suppress(OSError, ValueError):  # the child may be gone already
-            self.conn.send(("close",))
-        self.process.join(timeout)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(timeout)
-        self.conn.close()
+        """Ask the child to exit, killing it if it does not or if a batch is on the pipe; once, from any thread."""
+        with self._stop_lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        idle = self.io.acquire(blocking=False)
+        try:
+            if idle:
+                with contextlib.suppress(OSError, ValueError):  # the child may be gone already
+                    self.conn.send(("close",))
+                self.process.join(timeout)
+            if self.process.exitcode is None:
+                self.kill(timeout)
+        finally:
+            if idle:  # else the batch's thread closes the pipe when its recv fails
+                self.conn.close()
+                self.io.release()
 
 
 class RemoteExecutor:
@@ -92,12 +115,14 @@ class RemoteExecutor:
         self._shipped: set[int] = set()
         self._dropped: list[int] = []
         self._finalizers: set[int] = set()
-        # over _child and _closed: close() may run on another thread while the inference thread starts a child
+        # over _child, _closed, _restarting, _given_up and the attempts as a whole: close() and alive run on other
+        # threads while the inference thread starts a child
         self._state = threading.Lock()
         self._child: _Child | None = None
         self._closed = False
-        # restart attempts (monotonic times), appended and pruned by the inference thread only
+        # restart attempts (monotonic times), appended and pruned by the inference thread only (under _state)
         self._attempts: deque[float] = deque()
+        self._restarting = False
         self._given_up = False
         # children started after the first, for /v1/info and /metrics
         self.restarts = 0
@@ -106,15 +131,16 @@ class RemoteExecutor:
     @property
     def alive(self) -> bool:
         """The child runs, or the next batch may start a new one. Read by any thread."""
-        if self._closed or self._given_up:
+        with self._state:  # one view of _restarting, _child and the attempts (the inference thread changes them)
+            if self._closed or self._given_up:
+                return False
+            child = self._child
+            if self._restarting or (child is not None and child.running) or self._restarts_left() > 0:
+                return True
+            # Nothing would start another child (no batch reaches an engine that is not ready): stay down for good,
+            # for the orchestrator to replace this replica, rather than come back when the window has passed.
+            self._given_up = True
             return False
-        child = self._child
-        if (child is not None and child.running) or self._restarts_left() > 0:
-            return True
-        # Nothing would start another child (no batch reaches an engine that is not ready): stay down for good,
-        # for the orchestrator to replace this replica, rather than come back when the window has passed.
-        self._given_up = True
-        return False
 
     def run(
         self, rows: Sequence[tuple[EngineTask, Encoded]], observer: Observer
@@ -126,16 +152,34 @@ class RemoteExecutor:
             drops, self._dropped = self._dropped, []
             new = {id(task): task for task, _ in rows if id(task) not in self._shipped}
         try:
-            payloads = [(key, task_payload(task)) for key, task in new.items()]
-            child.conn.send(("run", drops, payloads, [(id(task), encoded) for task, encoded in rows]))
-            kind, *reply = child.conn.recv()
+            # pickled here, by value (plain pickle: no shared-memory handles), so a task that cannot be sent fails
+            # its batch without touching the child
+            message = pickle.dumps(
+                (
+                    "run",
+                    drops,
+                    [(key, task_payload(task)) for key, task in new.items()],
+                    [(id(task), encoded) for task, encoded in rows],
+                ),
+                protocol=pickle.HIGHEST_PROTOCOL,
+            )
         except Exception as exc:
-            # whatever went wrong, the child and this side may now disagree on what it holds: the next batch
-            # starts from a new child
-            child.process.kill()
-            raise InferenceFailed("the engine process failed while running this batch") from exc
+            with self._lock:
+                self._dropped[:0] = drops
+            raise InferenceFailed(f"this batch could not be sent to the engine process: {exc!r}") from exc
+        with child.io:
+            try:
+                child.conn.send_bytes(message)
+                kind, *reply = child.conn.recv()
+            except Exception as exc:
+                # the child died or the pipe broke: the two sides may disagree on what the child holds, so the next
+                # batch starts from a new child
+                child.kill()
+                if child._stopped:  # close() left the pipe to this thread
+                    child.conn.close()
+                raise InferenceFailed("the engine process failed while running this batch") from exc
         if kind != "ok":
-            # the child is fine, but may not have loaded this batch's new tasks: they are sent again next time
+            # the child is fine and dropped what it loaded for this batch: its new tasks are sent again next time
             raise InferenceFailed(reply[0])
         with self._lock:
             for key, task in new.items():
@@ -171,20 +215,23 @@ class RemoteExecutor:
             return child
         exit_code = None
         if child is not None:
-            exit_code = child.process.exitcode
             child.stop()
-        if self._closed:
-            raise InferenceFailed("the engine is shutting down")
-        horizon = time.monotonic() - RESTART_WINDOW_S
-        while self._attempts and self._attempts[0] < horizon:
-            self._attempts.popleft()
-        if self._restarts_left() <= 0:
-            self._given_up = True
-            raise InferenceFailed(
-                f"the engine process died and is not restarted again ({len(self._attempts)} restart attempts within "
-                f"{RESTART_WINDOW_S:.0f} s; SKILLGRAFT_ENGINE_PROCESS_RESTARTS={self._config.process_restarts})"
-            )
-        self._attempts.append(time.monotonic())
+            exit_code = child.process.exitcode
+        with self._state:
+            if self._closed:
+                raise InferenceFailed("the engine is shutting down")
+            horizon = time.monotonic() - RESTART_WINDOW_S
+            while self._attempts and self._attempts[0] < horizon:
+                self._attempts.popleft()
+            if self._given_up or self._restarts_left() <= 0:
+                self._given_up = True
+                raise InferenceFailed(
+                    f"the engine process is not running and is not restarted again ({len(self._attempts)} restart "
+                    f"attempts within {RESTART_WINDOW_S:.0f} s; "
+                    f"SKILLGRAFT_ENGINE_PROCESS_RESTARTS={self._config.process_restarts})"
+                )
+            self._attempts.append(time.monotonic())
+            self._restarting = True
         log.warning("the engine process is not running (exit code %s); starting a new one", exit_code)
         with self._lock:
             self._shipped.clear()
@@ -192,7 +239,10 @@ class RemoteExecutor:
         try:
             child = self._spawn()
         except Exception as exc:
-            raise InferenceFailed(f"the engine process could not be restarted: {exc}") from exc
+            raise InferenceFailed(f"restarting the engine process failed: {exc}") from exc
+        finally:
+            with self._state:
+                self._restarting = False
         self.restarts += 1
         return child
 
@@ -219,13 +269,19 @@ class RemoteExecutor:
             if not closed:
                 self._child = child
         if closed:
+            child.kill()
             child.stop()
             raise RuntimeError("the engine is shutting down")
         try:
             problem = self._await_ready(child)
-        except (EOFError, OSError):  # close() stopped it meanwhile
-            problem = "it was stopped while starting"
+        except (EOFError, OSError):
+            problem = "ended while starting (stopped by close(), or it died)"
+        except BaseException:
+            child.kill()
+            child.stop()
+            raise
         if problem is not None:
+            child.kill()
             child.stop()
             raise RuntimeError(f"the engine process {problem}")
         return child
@@ -238,10 +294,15 @@ class RemoteExecutor:
             kind, detail = child.conn.recv()
         except EOFError:
             child.process.join(1.0)
-            return (
-                f"exited while starting (exit code {child.process.exitcode}; a script that starts the service needs "
-                "an `if __name__ == '__main__':` guard, as multiprocessing's spawn requires)"
+            code = child.process.exitcode
+            # spawn re-imports the main module: a script without the guard starts the service again and fails
+            hint = (
+                "; a script that starts the service needs an `if __name__ == '__main__':` guard, as "
+                "multiprocessing's spawn requires"
+                if code == 1
+                else ""
             )
+            return f"exited while starting (exit code {code}{hint})"
         if kind != "ready":
             return f"failed to start: {detail}"
         if detail != self._fingerprint:
@@ -257,10 +318,16 @@ class RemoteExecutor:
 
 
 def task_payload(task: EngineTask) -> dict[str, Any]:
-    """What the child needs of a task, tensors as numpy arrays (pickled by value, not as shared-memory handles)."""
+    """What the child needs of a task, tensors as numpy arrays with their torch dtype (pickled by value, only the
+    tensor's own elements even where it is a view of a larger buffer)."""
 
-    def array(tensor: torch.Tensor | None) -> np.ndarray | None:
-        return None if tensor is None else tensor.detach().cpu().numpy()
+    def array(tensor: torch.Tensor | None) -> Carried | None:
+        if tensor is None:
+            return None
+        tensor = tensor.detach().cpu()
+        # numpy has no bfloat16: carried as float32, which holds every bfloat16 value exactly, and cast back
+        wide = tensor.float() if tensor.dtype == torch.bfloat16 else tensor
+        return wide.numpy(), str(tensor.dtype).removeprefix("torch.")
 
     return {
         "name": task.name,
@@ -282,8 +349,11 @@ def task_from_payload(
     """The child's task from ``task_payload``; tasks over one head spec share one label-id tensor, as in the
     server's registry (the mixed path groups rows by it)."""
 
-    def tensor(array: np.ndarray | None) -> torch.Tensor | None:
-        return None if array is None else torch.from_numpy(array).to(device)
+    def tensor(carried: Carried | None) -> torch.Tensor | None:
+        if carried is None:
+            return None
+        array, dtype = carried
+        return torch.from_numpy(array).to(device=device, dtype=getattr(torch, dtype))
 
     labels = tensor(payload["label_ids"])
     if labels is not None:
@@ -325,6 +395,8 @@ class _Recorder(Observer):
 
 def child_main(conn: Connection, config: EngineConfig, device: str, threads: int) -> None:
     """The child process: load the base, then run each batch it is sent until told to close."""
+    # Ctrl-C or a signal to the process group is the server's to handle: it finishes its batches, then closes this
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     try:
         assert config.base_source is not None
@@ -355,7 +427,10 @@ def child_main(conn: Connection, config: EngineConfig, device: str, threads: int
                 logits = engine.execute([(tasks[key], encoded) for key, encoded in rows])
             except Exception as exc:
                 recorder.take()
-                conn.send(("error", f"{type(exc).__name__}: {exc}"))
+                for key, _ in new:  # the server sends them again with its next batch
+                    tasks.pop(key, None)
+                cause = exc.__cause__ or exc
+                conn.send(("error", f"inference failed in the engine process: {type(cause).__name__}: {cause}"))
                 continue
             # what this batch added, not the totals: a restarted child counts from zero again
             added = {key: getattr(engine.stats, key) - count for key, count in before.items()}
