@@ -82,6 +82,11 @@ class Settings(BaseSettings):
         description="With engine_process: attempts within 5 minutes to replace a child that died; one more death "
         "and the engine stops for good, /ready answering 503 (0 = never replaced).",
     )
+    mixed_kernel: bool = Field(
+        True,
+        description="Compile (once per machine, in the background, with its C++ compiler) and use a fused kernel "
+        "for the mixed path's Linear deltas; false or no compiler: torch operators.",
+    )
     redis_url: str | None = Field(None, description="Redis URL for RQ job workers; unset = in-process jobs.")
     job_timeout_s: int = Field(3600, ge=10, description="Longest a localization job may run before it is stopped.")
     job_retries: int = Field(2, ge=0, le=10, description="Times a job whose worker died or crashed is run again.")

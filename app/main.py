@@ -45,6 +45,7 @@ def build_service(settings: Settings) -> InferenceService:
         policy=settings.engine_policy,
         process=settings.engine_process,
         process_restarts=settings.engine_process_restarts,
+        mixed_kernel=settings.mixed_kernel,
         base_source=settings.base_model,
     )
     # with Redis, every task change this replica makes is announced to the others (they subscribe in StoreSync)

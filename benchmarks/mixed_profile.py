@@ -30,6 +30,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from app.engine import kernel  # noqa: E402
 from app.engine.mixed import DeltaHooks, DeltaTargets, Target, build_plan  # noqa: E402
 from app.engine.registry import TaskRegistry  # noqa: E402
 from app.engine.weights import BaseWeights  # noqa: E402
@@ -181,12 +182,27 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--linear-delta",
+        choices=["fused", "torch"],
+        default="fused",
+        help="Linear-weight deltas by the compiled kernel (app.engine.kernel, built first) or by torch operators",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.linear_delta == "torch":
+        kernel.compiled = lambda: None  # type: ignore[assignment]
+    elif kernel.build() is None:
+        raise SystemExit(f"the kernel could not be built ({kernel.failure()}); use --linear-delta torch")
     results = [profile_base(name, args.batch, args.reps) for name in args.bases]
     print_table(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"measured_at": datetime.now(UTC).isoformat(), "threads": args.threads, "results": results}
+    record = {
+        "measured_at": datetime.now(UTC).isoformat(),
+        "threads": args.threads,
+        "linear_delta": args.linear_delta,
+        "results": results,
+    }
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -58,6 +58,7 @@ sys.path.insert(0, str(REPO))
 
 from app.core.files import atomic_write  # noqa: E402
 from app.core.store import LocalTaskStore  # noqa: E402
+from app.engine import kernel  # noqa: E402
 from app.engine.engine import Engine, EngineConfig  # noqa: E402
 from app.engine.mixed import DeltaHooks, build_plan  # noqa: E402
 from app.engine.registry import EngineTask, TaskRegistry  # noqa: E402
@@ -528,6 +529,9 @@ def main() -> None:
         # make run-to-run noise larger than the effects measured here.
         torch.set_num_threads(args.threads)
     base = load_base(args.base)
+    # the mixed path's compiled kernel, ready before the first measurement (engines otherwise build it meanwhile)
+    fused = kernel.build() is not None
+    print(f"mixed-path kernel: {'compiled' if fused else 'not available (' + str(kernel.failure()) + ')'}", flush=True)
     n_tasks = max(args.task_counts)
     eligible = eligible_size(base)
     print(
@@ -612,6 +616,7 @@ def main() -> None:
             "max_batch_size": args.batch,
             "max_batch_wait_ms": args.wait_ms,
             "policies": args.policies,
+            "mixed_kernel": fused,
             "throughput_only": args.throughput_only,
         },
         "throughput": throughput,

@@ -374,7 +374,6 @@ def test_a_large_upload_streams_into_the_bucket_with_bounded_memory(
         pool.stop_all()
 
 
-
 # -- settings and notices --------------------------------------------------------------------------------------
 
 

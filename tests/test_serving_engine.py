@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -12,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from app.core.errors import InferenceFailed
+from app.engine import kernel
 from app.engine import service as service_module
 from app.engine.service import InferenceService, TextInput, softmax
 from app.engine.weights import BaseWeights
@@ -61,8 +64,35 @@ def test_swap_is_bit_exact_against_the_materialized_graft(
     assert checksum(tiny_any) == before
 
 
+@pytest.fixture(params=["torch operators", "fused kernel"])
+def kernel_calls(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The mixed path's Linear deltas by torch operators, or by the compiled kernels (app.engine.kernel), whose
+    calls are recorded."""
+    calls: list[str] = []
+    if request.param == "torch operators":
+        monkeypatch.setattr(kernel, "compiled", lambda: None)
+        return calls
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the kernels cannot be built here (the torch operators serve)")
+    built = kernel.build()
+    assert built is not None, kernel.failure()
+
+    class Recorded:
+        def linear_delta(self, *args: Any) -> None:
+            calls.append("linear")
+            built.linear_delta(*args)
+
+        def bias_delta(self, *args: Any) -> None:
+            calls.append("bias")
+            built.bias_delta(*args)
+
+    recorded = Recorded()
+    monkeypatch.setattr(kernel, "compiled", lambda: recorded)
+    return calls
+
+
 def test_mixed_matches_the_materialized_graft(
-    tiny_any: BaseModel, family_patches: list[GraftPatch], tmp_path: Path
+    tiny_any: BaseModel, family_patches: list[GraftPatch], tmp_path: Path, kernel_calls: list[str]
 ) -> None:
     before = checksum(tiny_any)
     service = make_service(tiny_any, tmp_path, policy="mixed")
@@ -83,6 +113,10 @@ def test_mixed_matches_the_materialized_graft(
     finally:
         service.close()
     assert checksum(tiny_any) == before
+    # the kernels, where asked for, added the Linear weight entries, and the bias entries where Linears have biases
+    biases = any(isinstance(m, torch.nn.Linear) and m.bias is not None for m in tiny_any.encoder.modules())
+    expected = {"linear", "bias"} if biases else {"linear"}
+    assert set(kernel_calls) == (expected if kernel.compiled() is not None else set())
 
 
 def _empty(patch: GraftPatch) -> GraftPatch:

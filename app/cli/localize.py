@@ -131,9 +131,7 @@ def run_localize(args: argparse.Namespace) -> int:
     task = args.task or args.dataset or Path(args.checkpoint).stem
     bar = ProgressBar(f"localize ({args.method})")
     try:
-        outcome = graft(
-            base, checkpoint, spec, splits, config, task=task, progress=bar, evaluate=not args.no_evaluate
-        )
+        outcome = graft(base, checkpoint, spec, splits, config, task=task, progress=bar, evaluate=not args.no_evaluate)
     finally:
         bar.close()
     result = outcome.localized

@@ -34,6 +34,7 @@ from typing import Literal, Protocol
 import torch
 
 from app.core.errors import InferenceFailed, NotReady, Overloaded
+from app.engine import kernel
 from app.engine.mixed import DeltaHooks, DeltaTargets, Plan, build_plan
 from app.engine.registry import EngineTask
 from app.engine.weights import BaseWeights
@@ -69,6 +70,8 @@ class EngineConfig:
     # a child process that died is replaced by the next batch: at most this many attempts (a failed start counts)
     # within app.engine.remote.RESTART_WINDOW_S (5 minutes); then the engine stops running for good
     process_restarts: int = 3
+    # build the mixed path's compiled kernel in the background (app.engine.kernel); false: torch operators only
+    mixed_kernel: bool = True
 
 
 class BatchExecutor(Protocol):
@@ -179,6 +182,8 @@ class Engine:
         if config.process and executor is None:
             raise ValueError("EngineConfig.process needs the child process's executor (app.engine.remote)")
         self._executor = executor
+        if config.mixed_kernel and executor is None and self.device.type == "cpu":
+            kernel.start_build()  # the mixed path's fused kernel, once it is compiled (app.engine.kernel)
         self._thread = threading.Thread(target=self._loop, name="skillgraft-inference", daemon=True)
         self._thread.start()
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from app.engine import kernel
 from app.engine.weights import BaseWeights
 
 LINEAR_WEIGHT, LINEAR_BIAS, NORM_WEIGHT, NORM_BIAS = 0, 1, 2, 3
@@ -264,6 +265,24 @@ class DeltaHooks:
         if y.shape[1] != length:
             raise ValueError(f"a mixed plan for {length} positions met a module output of {y.shape[1]}")
         flat_y = y.view(-1)
+        fused = kernel.compiled()
+        if fused is not None and isinstance(module, nn.Linear) and kernel.usable(y, x, plan.y_base, plan.delta):
+            # Linear: nothing reads y here, so each part is added in place as it comes (app.engine.kernel)
+            for target, (start, end) in parts:
+                if target.role == LINEAR_WEIGHT:
+                    fused.linear_delta(
+                        flat_y,
+                        x,
+                        plan.y_base[start:end],
+                        plan.x_base[start:end],
+                        plan.delta[start:end],
+                        length,
+                        width_out,
+                        x.shape[-1],
+                    )
+                else:
+                    fused.bias_delta(flat_y, plan.y_base[start:end], plan.delta[start:end], length, width_out)
+            return y.view(output.shape)
         steps = self._steps(length, y.device, plan.y_base.dtype)
         additions = []
         # Index grids are position-major (positions × entries): consecutive entries of one row and slot are

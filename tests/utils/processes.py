@@ -24,7 +24,9 @@ class Processes:
     """Starts ``skillgraft serve`` / ``skillgraft worker`` subprocesses with a shared environment."""
 
     def __init__(self, env: dict[str, str], log_dir: Path) -> None:
-        self.env = {**os.environ, "PYTHONPATH": str(REPO), **env}
+        # the servers under test serve with the torch operators: compiling the mixed-path kernel in each would cost
+        # a minute of CPU apiece (tests/test_serving_engine.py checks the kernel in process)
+        self.env = {**os.environ, "PYTHONPATH": str(REPO), "SKILLGRAFT_MIXED_KERNEL": "false", **env}
         self.log_dir = log_dir
         self.procs: list[subprocess.Popen[bytes]] = []
 
