@@ -34,6 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from app.engine import kernel  # noqa: E402
 from app.engine.engine import Engine, EngineConfig  # noqa: E402
 from app.engine.registry import TaskRegistry  # noqa: E402
 from app.engine.weights import BaseWeights  # noqa: E402
@@ -52,10 +53,13 @@ def serving_setup(
     store_dir = root / "store"
     base = load_base(base_name)
     registry = TaskRegistry(write_store(base, store_dir, n_tasks), base, BaseWeights.of(base.encoder), 1 << 32, 128)
+    # the engine-alone runs and the server both take the mixed path's compiled kernel, or neither does
+    fused = kernel.build() is not None
     env = {
         "SKILLGRAFT_STORE_DIR": str(store_dir),
         "SKILLGRAFT_BASE_MODEL": base_name,
         "SKILLGRAFT_MAX_BATCH_WAIT_MS": str(max_batch_wait_ms),
+        "SKILLGRAFT_MIXED_KERNEL": "true" if fused else "false",
         "OMP_NUM_THREADS": "1",
     }
     return root, registry, env

@@ -397,7 +397,12 @@ def http_bench(store_dir: Path, n_tasks: int, clients: int, per_client: int, bas
     from tests.utils.processes import Processes
 
     log_dir = Path(tempfile.mkdtemp(prefix="serve-bench-logs-"))
-    procs = Processes({"SKILLGRAFT_STORE_DIR": str(store_dir), "SKILLGRAFT_BASE_MODEL": base_name}, log_dir)
+    # the server takes the compiled mixed-path kernel where this process has it (built before the measurements)
+    fused = "true" if kernel.compiled() is not None else "false"
+    procs = Processes(
+        {"SKILLGRAFT_STORE_DIR": str(store_dir), "SKILLGRAFT_BASE_MODEL": base_name, "SKILLGRAFT_MIXED_KERNEL": fused},
+        log_dir,
+    )
     try:
         url = procs.server(timeout=180)
         pool = texts(64, seed=2)
