@@ -237,6 +237,7 @@ def main() -> None:
         help="the server runs its forward passes in a child process (SKILLGRAFT_ENGINE_PROCESS); the engine-alone "
         "runs stay in this process",
     )
+    parser.add_argument("--out", type=Path, help="default: benchmarks/results/http_bench_<base>[_engine_process].json")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -317,8 +318,13 @@ def main() -> None:
     finally:
         procs.stop_all()
     suffix = "_engine_process" if args.engine_process else ""
-    out = REPO / "benchmarks" / "results" / f"http_bench_{args.base}{suffix}.json"
-    record = {"measured_at": datetime.now(UTC).isoformat(), "args": vars(args), "results": results}
+    out = args.out or REPO / "benchmarks" / "results" / f"http_bench_{args.base}{suffix}.json"
+    record = {
+        "measured_at": datetime.now(UTC).isoformat(),
+        "args": vars(args),
+        "mixed_kernel": env["SKILLGRAFT_MIXED_KERNEL"] == "true",
+        "results": results,
+    }
     out.write_text(json.dumps(record, indent=2, default=str) + "\n")
     print(f"wrote {out}")
 
