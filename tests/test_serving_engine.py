@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,38 +66,43 @@ def test_swap_is_bit_exact_against_the_materialized_graft(
     assert checksum(tiny_any) == before
 
 
+@dataclass
+class KernelUse:
+    enabled: bool
+    calls: list[str] = field(default_factory=list)
+
+
 @pytest.fixture(params=["torch operators", "fused kernel"])
-def kernel_calls(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The mixed path's Linear deltas by torch operators, or by the compiled kernels (app.engine.kernel), whose
-    calls are recorded."""
-    calls: list[str] = []
-    if request.param == "torch operators":
-        monkeypatch.setattr(kernel, "compiled", lambda: None)
-        return calls
-    if shutil.which("c++") is None and shutil.which("g++") is None:
+def kernel_use(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> KernelUse:
+    """The mixed path's Linear deltas by torch operators (an engine with the kernel off), or by the compiled
+    kernels (app.engine.kernel), whose calls are recorded."""
+    use = KernelUse(enabled=request.param == "fused kernel")
+    if not use.enabled:
+        return use
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler: the kernels cannot be built here (the torch operators serve)")
     built = kernel.build()
     assert built is not None, kernel.failure()
 
     class Recorded:
         def linear_delta(self, *args: Any) -> None:
-            calls.append("linear")
+            use.calls.append("linear")
             built.linear_delta(*args)
 
         def bias_delta(self, *args: Any) -> None:
-            calls.append("bias")
+            use.calls.append("bias")
             built.bias_delta(*args)
 
     recorded = Recorded()
     monkeypatch.setattr(kernel, "compiled", lambda: recorded)
-    return calls
+    return use
 
 
 def test_mixed_matches_the_materialized_graft(
-    tiny_any: BaseModel, family_patches: list[GraftPatch], tmp_path: Path, kernel_calls: list[str]
+    tiny_any: BaseModel, family_patches: list[GraftPatch], tmp_path: Path, kernel_use: KernelUse
 ) -> None:
     before = checksum(tiny_any)
-    service = make_service(tiny_any, tmp_path, policy="mixed")
+    service = make_service(tiny_any, tmp_path, policy="mixed", mixed_kernel=kernel_use.enabled)
     try:
         for patch in family_patches:
             upload(service, patch)
@@ -116,7 +123,7 @@ def test_mixed_matches_the_materialized_graft(
     # the kernels, where asked for, added the Linear weight entries, and the bias entries where Linears have biases
     biases = any(isinstance(m, torch.nn.Linear) and m.bias is not None for m in tiny_any.encoder.modules())
     expected = {"linear", "bias"} if biases else {"linear"}
-    assert set(kernel_calls) == (expected if kernel.compiled() is not None else set())
+    assert set(kernel_use.calls) == (expected if kernel_use.enabled else set())
 
 
 def _empty(patch: GraftPatch) -> GraftPatch:

@@ -172,7 +172,7 @@ class Engine:
         self.targets = DeltaTargets.of(base.encoder, self.weights)
         self.device = next(base.encoder.parameters()).device
         self.stats = EngineStats()
-        self._hooks = DeltaHooks(self.targets)
+        self._hooks = DeltaHooks(self.targets, use_kernel=config.mixed_kernel)
         self._last_plan: tuple[list[EngineTask], Plan] | None = None
         self._queue: deque[_Row] = deque()
         self._cond = threading.Condition()
@@ -182,7 +182,7 @@ class Engine:
         if config.process and executor is None:
             raise ValueError("EngineConfig.process needs the child process's executor (app.engine.remote)")
         self._executor = executor
-        if config.mixed_kernel and executor is None and self.device.type == "cpu":
+        if config.mixed_kernel and config.policy != "swap" and executor is None and self.device.type == "cpu":
             kernel.start_build()  # the mixed path's fused kernel, once it is compiled (app.engine.kernel)
         self._thread = threading.Thread(target=self._loop, name="skillgraft-inference", daemon=True)
         self._thread.start()

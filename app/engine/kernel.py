@@ -18,9 +18,11 @@ CPU tensors with int32 index bases take it (``usable``).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import logging
 import os
+import platform
 import shutil
 import sys
 import tempfile
@@ -42,6 +44,7 @@ void check(const torch::Tensor& y, const torch::Tensor& y_base, const torch::Ten
   TORCH_CHECK(y.is_contiguous() && y_base.is_contiguous() && delta.is_contiguous(), "contiguous tensors only");
   TORCH_CHECK(y.scalar_type() == torch::kFloat && delta.scalar_type() == torch::kFloat, "float32 only");
   TORCH_CHECK(y_base.scalar_type() == torch::kInt && y_base.numel() == delta.numel(), "one int32 base per entry");
+  TORCH_CHECK(length >= 0 && width_out >= 0, "negative length or width");
   const int32_t* yb = y_base.data_ptr<int32_t>();
   for (int64_t e = 0; e < delta.numel(); ++e)
     TORCH_CHECK(yb[e] >= 0 && yb[e] + (length - 1) * width_out < y.numel(), "output index out of range");
@@ -49,12 +52,12 @@ void check(const torch::Tensor& y, const torch::Tensor& y_base, const torch::Ten
 
 }  // namespace
 
-// Linear weight entries: y[y_base[e] + t * width_out] += delta[e] * x[x_base[e] + t * width_in] for t < length,
-// position-major, the order of the torch operators it replaces (so the sums round alike).
+// Linear weight entries: y[y_base[e] + t * width_out] += delta[e] * x[x_base[e] + t * width_in] for t < length.
 void linear_delta(torch::Tensor y, torch::Tensor x, torch::Tensor y_base, torch::Tensor x_base, torch::Tensor delta,
                   int64_t length, int64_t width_out, int64_t width_in) {
   check(y, y_base, delta, length, width_out);
   TORCH_CHECK(x.is_contiguous() && x.scalar_type() == torch::kFloat, "x: contiguous float32");
+  TORCH_CHECK(width_in >= 0, "negative width");
   TORCH_CHECK(x_base.is_contiguous() && x_base.scalar_type() == torch::kInt && x_base.numel() == delta.numel(),
               "one int32 input base per entry");
   const int64_t entries = delta.numel();
@@ -95,8 +98,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 }
 """
 
-# bump with any change to _SOURCE: the build cache is keyed by name
-_NAME = "skillgraft_mixed_kernel_v4"
+_NAME = "skillgraft_mixed_kernel"
+# no fused multiply-add: the product is rounded before the sum, as with the torch operators
+_FLAGS = ["-O3", "-ffp-contract=off"]
 
 
 class Kernels(Protocol):
@@ -164,26 +168,31 @@ def build() -> Kernels | None:
             _failure = f"{type(exc).__name__}: {exc}"
             log.warning("the mixed-path kernel could not be built; using torch operators (%s)", _failure)
             return None
-        _compiled = module
+        _compiled, _failure = module, None
         log.info("the mixed-path kernel is ready")
         return _compiled
 
 
 def _cache_dir() -> Path:
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions")
-    # a build is only good for the torch it was compiled against
-    return Path(root) / "skillgraft" / f"{_NAME}-torch{torch.__version__}"
+    # a build is only good for this source and flags, this torch, this Python and this machine's architecture
+    key = hashlib.sha256(f"{_SOURCE}{_FLAGS}".encode()).hexdigest()[:12]
+    tag = f"{key}-torch{torch.__version__}-{sys.implementation.cache_tag}-{platform.machine()}"
+    return Path(root) / "skillgraft" / f"{_NAME}-{tag}"
 
 
 def _load_cached() -> Kernels | None:
     library = _cache_dir() / f"{_NAME}.so"
     if not library.is_file():
         return None
-    spec = importlib.util.spec_from_file_location(_NAME, library)
-    if spec is None or spec.loader is None:
+    try:
+        spec = importlib.util.spec_from_file_location(_NAME, library)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except Exception as exc:  # a broken or foreign build: compile again and replace it
+        log.warning("the cached mixed-path kernel did not load (%s); compiling it again", exc)
         return None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     return module  # type: ignore[return-value]
 
 
@@ -193,18 +202,21 @@ def _compile() -> Kernels:
     from torch.utils.cpp_extension import load_inline
 
     # ninja from this environment's scripts folder, when the interpreter was started without activating it
-    scripts = str(Path(sys.executable).parent)
-    if scripts not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
+    scripts = Path(sys.executable).parent
+    if shutil.which("ninja") is None and (scripts / "ninja").is_file():
+        os.environ["PATH"] = f"{scripts}{os.pathsep}{os.environ.get('PATH', '')}"
     final = _cache_dir()
     final.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{_NAME}-", dir=final.parent))
     try:
-        module = load_inline(
-            _NAME, cpp_sources=_SOURCE, extra_cflags=["-O3"], build_directory=str(scratch), verbose=False
-        )
-        with contextlib.suppress(OSError):  # another process published its build first: keep that one
-            scratch.rename(final)
+        module = load_inline(_NAME, cpp_sources=_SOURCE, extra_cflags=_FLAGS, build_directory=str(scratch))
+        # torch renames a module built again in one process (name_v1, …): only the expected file is published
+        if (scratch / f"{_NAME}.so").is_file():
+            scratch.chmod(0o755)  # mkdtemp's 0700 would hide it from other users of a shared cache
+            if final.exists() and not (final / f"{_NAME}.so").is_file():
+                shutil.rmtree(final, ignore_errors=True)  # a broken build in the way
+            with contextlib.suppress(OSError):  # another process published its build first: keep that one
+                scratch.rename(final)
     finally:
         if scratch.exists():
             shutil.rmtree(scratch, ignore_errors=True)

@@ -230,8 +230,10 @@ class DeltaHooks:
     the hooks never write to a parameter.
     """
 
-    def __init__(self, targets: DeltaTargets) -> None:
+    def __init__(self, targets: DeltaTargets, use_kernel: bool = True) -> None:
         self.targets = targets
+        # take the compiled kernel for Linear modules once this process has it (app.engine.kernel)
+        self.use_kernel = use_kernel
         self.plan: Plan | None = None
         self._steps_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._handles = [
@@ -242,6 +244,7 @@ class DeltaHooks:
         # A deep copy of the encoder (e.g. to materialize a graft) copies its hooks: the copy's must stay inert.
         inert = DeltaHooks.__new__(DeltaHooks)
         inert.targets, inert.plan, inert._handles, inert._steps_cache = self.targets, None, [], {}
+        inert.use_kernel = self.use_kernel
         return inert
 
     def close(self) -> None:
@@ -265,7 +268,7 @@ class DeltaHooks:
         if y.shape[1] != length:
             raise ValueError(f"a mixed plan for {length} positions met a module output of {y.shape[1]}")
         flat_y = y.view(-1)
-        fused = kernel.compiled()
+        fused = kernel.compiled() if self.use_kernel else None
         if fused is not None and isinstance(module, nn.Linear) and kernel.usable(y, x, plan.y_base, plan.delta):
             # Linear: nothing reads y here, so each part is added in place as it comes (app.engine.kernel)
             for target, (start, end) in parts:

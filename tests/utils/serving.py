@@ -57,7 +57,9 @@ def checksum(base: BaseModel) -> str:
 
 
 def make_service(base: BaseModel, store_dir: Path, cache_bytes: int = 64 * 2**20, **engine: object) -> InferenceService:
-    config = EngineConfig(**{"max_batch_size": 64, "max_batch_wait_ms": 2.0, **engine})  # type: ignore[arg-type]
+    # without the compiled kernel unless a test asks for it: a build would cost a minute of CPU in the background
+    defaults = {"max_batch_size": 64, "max_batch_wait_ms": 2.0, "mixed_kernel": False}
+    config = EngineConfig(**{**defaults, **engine})  # type: ignore[arg-type]
     return InferenceService.for_directory(base, store_dir, ServiceLimits(), config, cache_bytes, 128)
 
 
