@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import pickle
+from collections.abc import Iterator
 from dataclasses import replace
 from multiprocessing.context import SpawnProcess
 from pathlib import Path
@@ -31,8 +33,24 @@ def tiny_source(request: pytest.FixtureRequest) -> tuple[BaseModel, Path]:
     return request.getfixturevalue("tiny_llama"), request.getfixturevalue("tiny_llama_dir")
 
 
-def process_service(base: BaseModel, folder: Path, store: Path, policy: str) -> InferenceService:
-    return make_service(base, store, policy=policy, process=True, base_source=str(folder))
+def process_service(base: BaseModel, folder: Path, store: Path, policy: str, **config: object) -> InferenceService:
+    return make_service(base, store, policy=policy, process=True, base_source=str(folder), **config)
+
+
+@contextlib.contextmanager
+def one_task_in_a_child(
+    base: BaseModel, folder: Path, store: Path, policy: str, **config: object
+) -> Iterator[tuple[InferenceService, torch.Tensor]]:
+    """A service whose engine runs in a child process, serving task "t" (one prompt patch); yields it and the
+    materialized graft's logits on TEXTS, and closes it after."""
+    patch: GraftPatch = make_patch(base, "t", "prompt", 0.02, seed=1)
+    reference = Reference(base, patch).logits(TEXTS)
+    service = process_service(base, folder, store, policy, **config)
+    try:
+        service.put_patch("t", patch_to_bytes(patch))
+        yield service, reference
+    finally:
+        service.close()
 
 
 def logits(service: InferenceService, tasks: list[str]) -> torch.Tensor:
@@ -97,11 +115,7 @@ def kill_child(service: InferenceService) -> None:
 
 
 def test_a_dead_child_is_replaced_by_the_next_batch(tiny_base: BaseModel, tiny_base_dir: Path, tmp_path: Path) -> None:
-    patch: GraftPatch = make_patch(tiny_base, "t", "prompt", 0.02, seed=1)
-    reference = Reference(tiny_base, patch).logits(TEXTS)
-    service = process_service(tiny_base, tiny_base_dir, tmp_path, "auto")
-    try:
-        service.put_patch("t", patch_to_bytes(patch))
+    with one_task_in_a_child(tiny_base, tiny_base_dir, tmp_path, "auto") as (service, reference):
         assert torch.equal(logits(service, ["t"]), reference)
         batches = service.engine.stats.batches
         first_child = executor_of(service)._child
@@ -115,18 +129,12 @@ def test_a_dead_child_is_replaced_by_the_next_batch(tiny_base: BaseModel, tiny_b
         assert service.info()["engine"]["process_restarts"] == 1
         # counters keep counting across the restart (the new child's own start from zero)
         assert service.engine.stats.batches == batches + 1
-    finally:
-        service.close()
 
 
 def test_a_restart_that_fails_fails_its_batch_and_the_next_batch_tries_again(
     tiny_base: BaseModel, tiny_base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    patch: GraftPatch = make_patch(tiny_base, "t", "prompt", 0.02, seed=1)
-    reference = Reference(tiny_base, patch).logits(TEXTS)
-    service = process_service(tiny_base, tiny_base_dir, tmp_path, "auto")
-    try:
-        service.put_patch("t", patch_to_bytes(patch))
+    with one_task_in_a_child(tiny_base, tiny_base_dir, tmp_path, "auto") as (service, reference):
         executor = executor_of(service)
         good_config = executor._config
         # the child cannot load its base
@@ -146,19 +154,12 @@ def test_a_restart_that_fails_fails_its_batch_and_the_next_batch_tries_again(
         assert torch.equal(logits(service, ["t"]), reference)
         assert service.engine.process_restarts == 1  # started children, not attempts
         assert service.engine.stats.failed_batches == 2
-    finally:
-        service.close()
 
 
 def test_a_child_that_keeps_dying_is_given_up_for_good(
     tiny_base: BaseModel, tiny_base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    patch: GraftPatch = make_patch(tiny_base, "t", "prompt", 0.02, seed=1)
-    service = make_service(
-        tiny_base, tmp_path, policy="auto", process=True, base_source=str(tiny_base_dir), process_restarts=1
-    )
-    try:
-        service.put_patch("t", patch_to_bytes(patch))
+    with one_task_in_a_child(tiny_base, tiny_base_dir, tmp_path, "auto", process_restarts=1) as (service, _):
         logits(service, ["t"])
         kill_child(service)
         logits(service, ["t"])  # the one restart allowed
@@ -174,18 +175,12 @@ def test_a_child_that_keeps_dying_is_given_up_for_good(
         with pytest.raises(InferenceFailed, match="not restarted again"):
             service.engine.run(rows, timeout=60)
         assert service.engine.process_restarts == 1
-    finally:
-        service.close()
 
 
 def test_a_batch_the_child_cannot_run_fails_alone_and_the_child_serves_on(
     tiny_base: BaseModel, tiny_base_dir: Path, tmp_path: Path
 ) -> None:
-    patch: GraftPatch = make_patch(tiny_base, "t", "prompt", 0.02, seed=1)
-    reference = Reference(tiny_base, patch).logits(TEXTS)
-    service = process_service(tiny_base, tiny_base_dir, tmp_path, "swap")
-    try:
-        service.put_patch("t", patch_to_bytes(patch))
+    with one_task_in_a_child(tiny_base, tiny_base_dir, tmp_path, "swap") as (service, reference):
         rows, _ = service.prepare(["t"], [TextInput("fine")])
         task, encoded = rows[0]
         beyond_vocabulary = replace(encoded, input_ids=[10**6] * len(encoded.input_ids))
@@ -196,8 +191,6 @@ def test_a_batch_the_child_cannot_run_fails_alone_and_the_child_serves_on(
         # the task the failed batch carried is sent again and served by the same child
         assert torch.equal(logits(service, ["t"]), reference)
         assert executor_of(service)._child is child and service.engine.process_restarts == 0
-    finally:
-        service.close()
 
 
 def test_task_tensors_cross_to_the_child_with_their_dtype_and_values(tiny_base: BaseModel, tmp_path: Path) -> None:
